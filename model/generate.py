@@ -1,0 +1,104 @@
+"""Autoregressive decoding with a KV cache: prefill once, then one token per step.
+
+Matches what the official `predict_forward` asks of `generate`: greedy by default, stop on EOS
+or when the decoded text ends with a stop word (after deleting '\\r' and '\\n', as the official
+StopWordStoppingCriteria does), and keep the last-layer hidden state of every fed token so the
+`[SEG]` bridge can read it. Adds what the official path lacks: sampling and batches.
+"""
+from dataclasses import dataclass, field
+
+import torch
+
+from model.llm import LLM
+
+
+@dataclass
+class GenerationConfig:
+    max_new_tokens: int = 2048
+    temperature: float = 0.0  # 0 means greedy
+    top_p: float = 1.0
+    stop_words: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class Generated:
+    tokens: list[int]  # new tokens, including the one that stopped generation
+    # Hidden state (D,) of every new token that was fed back, i.e. all tokens but the last one:
+    # row i is the state computed with tokens[i] as input (what [SEG] extraction needs).
+    hidden: torch.Tensor = field(repr=False)
+
+
+def _sample(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator | None) -> torch.Tensor:
+    """logits (B, V) -> next token ids (B,)."""
+    if cfg.temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits.float() / cfg.temperature, dim=-1)
+    if cfg.top_p < 1.0:
+        sorted_p, idx = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the top token always stays).
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= cfg.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+@torch.inference_mode()
+def generate(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None,
+             cfg: GenerationConfig, eos_ids: set[int], decode=None, prenorm_hidden: bool = False,
+             deepstack=None, visual_mask=None) -> list[Generated]:
+    """Generate for a left-padded batch.
+
+    embeds (B, L, D) prompt embeddings; positions (B, L) or (3, B, L); key_mask (B, L) bool with
+    False on left padding, or None for an unpadded batch. decode(ids) -> str is needed for stop words.
+    prenorm_hidden selects the last decoder layer's output instead of the final-norm output.
+    """
+    B, L, _ = embeds.shape
+    if cfg.stop_words and decode is None:
+        raise ValueError("stop words need a decode function")
+    gen = None
+    if cfg.temperature > 0 and cfg.seed is not None:
+        gen = torch.Generator(device=embeds.device).manual_seed(cfg.seed)
+    llm.setup_cache(B, L + cfg.max_new_tokens)
+    try:
+        h_post, h_pre = llm(embeds, positions, key_mask, start=0, use_cache=True,
+                            deepstack=deepstack, visual_mask=visual_mask)
+        next_pos = positions.amax(dim=(0, -1) if positions.dim() == 3 else -1) + 1  # (B,)
+        tokens = [[] for _ in range(B)]
+        hidden = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=embeds.device)
+        logits = llm.logits(h_post[:, -1])
+        mask = key_mask
+        for step in range(cfg.max_new_tokens):
+            nxt = _sample(logits, cfg, gen)
+            for b in range(B):
+                if done[b]:
+                    continue
+                t = int(nxt[b])
+                tokens[b].append(t)
+                if t in eos_ids or (cfg.stop_words and _ends_with_stop(decode(tokens[b]), cfg.stop_words)):
+                    done[b] = True
+            if bool(done.all()) or step == cfg.max_new_tokens - 1:
+                break
+            x = llm.embed_tokens(nxt)[:, None]  # (B, 1, D)
+            pos = next_pos[:, None] + step  # (B, 1)
+            if positions.dim() == 3:
+                pos = pos[None].expand(3, -1, -1)
+            if mask is not None:
+                mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=mask.device)], dim=1)
+            h_post, h_pre = llm(x, pos, mask, start=L + step, use_cache=True)
+            h = h_pre if prenorm_hidden else h_post
+            for b in range(B):
+                if not done[b]:
+                    hidden[b].append(h[b, 0])
+            logits = llm.logits(h_post[:, -1])
+    finally:
+        llm.caches = None  # free the cache memory
+    D = embeds.shape[-1]
+    return [Generated(tokens[b], torch.stack(hidden[b]) if hidden[b] else embeds.new_zeros(0, D))
+            for b in range(B)]
+
+
+def _ends_with_stop(text: str, stop_words) -> bool:
+    text = text.replace("\r", "").replace("\n", "")
+    return any(text.endswith(w) for w in stop_words)

@@ -1,0 +1,129 @@
+"""Our checkpoint folder: config.json + model.safetensors + tokenizer.json.
+
+`write_safetensors` streams tensors into one file (the header is computed up front from the
+shapes), so converting or saving never holds more than one tensor beyond what the caller holds.
+`load_model` builds on the meta device and assigns every tensor strictly.
+"""
+import json
+import os
+import struct
+from collections.abc import Iterable
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from model.config import Sa2VAConfig
+from model.sa2va import Sa2VAModel
+
+DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+               torch.bool: "BOOL"}
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def write_safetensors(path: str, specs: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                      tensors: Iterable[tuple[str, torch.Tensor]]):
+    """Write a .safetensors file whose tensors arrive one by one, in the order of `specs`.
+
+    Writes to path + '.partial' and renames at the end, so a failure never leaves a file that
+    looks complete.
+    """
+    header, offset = {}, 0
+    for name, dtype, shape in specs:
+        nbytes = torch.Size(shape).numel() * torch.empty(0, dtype=dtype).element_size()
+        header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the format pads the header to 8-byte alignment
+    tmp = path + ".partial"
+    order = iter(specs)
+    with open(tmp, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, t in tensors:
+            exp_name, exp_dtype, exp_shape = next(order)
+            if (name, t.dtype, tuple(t.shape)) != (exp_name, exp_dtype, tuple(exp_shape)):
+                raise RuntimeError(f"tensor {name} {t.dtype} {tuple(t.shape)} does not match its planned "
+                                   f"{exp_name} {exp_dtype} {tuple(exp_shape)}")
+            f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+        if next(order, None) is not None:
+            raise RuntimeError(f"{path}: fewer tensors arrived than planned")
+    os.replace(tmp, path)
+
+
+def open_safetensors(path: str):
+    try:
+        return safe_open(path, framework="pt")
+    except FileNotFoundError:
+        raise ValueError(f"checkpoint file {path} is missing") from None
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"checkpoint file {path} is corrupt or not safetensors ({e}); re-download or re-convert it") from None
+
+
+def check_keys(expected: dict[str, tuple], got: dict[str, tuple], what: str):
+    """Both dicts map key -> shape. Raise a one-line error naming missing/unexpected/mis-shaped keys."""
+    def few(keys):
+        keys = sorted(keys)
+        return ", ".join(keys[:5]) + (f" (+{len(keys) - 5} more)" if len(keys) > 5 else "")
+    missing = expected.keys() - got.keys()
+    extra = got.keys() - expected.keys()
+    if missing or extra:
+        parts = ([f"missing {len(missing)}: {few(missing)}"] if missing else []) + \
+                ([f"unexpected {len(extra)}: {few(extra)}"] if extra else [])
+        raise ValueError(f"{what}: " + "; ".join(parts))
+    bad = [k for k in expected if tuple(expected[k]) != tuple(got[k])]
+    if bad:
+        k = sorted(bad)[0]
+        raise ValueError(f"{what}: {len(bad)} tensors have the wrong shape, e.g. {k} is {tuple(got[k])}, "
+                         f"the model expects {tuple(expected[k])}")
+
+
+def build_model(cfg: Sa2VAConfig, device="meta") -> Sa2VAModel:
+    with torch.device(device):
+        return Sa2VAModel(cfg)
+
+
+def model_shapes(cfg: Sa2VAConfig) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
+
+
+def save_model(model: Sa2VAModel, out_dir: str, tokenizer=None):
+    os.makedirs(out_dir, exist_ok=True)
+    sd = model.state_dict()
+    write_safetensors(os.path.join(out_dir, "model.safetensors"),
+                      [(k, v.dtype, tuple(v.shape)) for k, v in sd.items()], sd.items())
+    model.cfg.save(os.path.join(out_dir, "config.json"))
+    if tokenizer is not None:
+        tokenizer.save(out_dir)
+
+
+def load_model(path: str, device="cpu", dtype: torch.dtype | None = None) -> Sa2VAModel:
+    """Build on meta, read every tensor (cast to dtype if given) and assign strictly."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{path} has no config.json; is it a folder written by convert.py?")
+    cfg = Sa2VAConfig.load(cfg_path)
+    model = build_model(cfg)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    f = open_safetensors(os.path.join(path, "model.safetensors"))
+    check_keys(expected, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f"{path}/model.safetensors")
+    sd = {}
+    for k in f.keys():
+        t = f.get_tensor(k)
+        if dtype is not None and t.is_floating_point():
+            t = t.to(dtype)
+        sd[k] = t.to(device)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.eval()
+    if hasattr(model, "grounding"):
+        model.grounding.materialize(device)
+    return model

@@ -1,0 +1,452 @@
+"""SAM-2 side of Sa2VA: image features, [SEG]-prompted mask decoding and video propagation.
+
+Reproduces the grounding encoder of the released Sa2VA HF remote code
+(`projects/sa2va/hf/models/sam2.py`: `SAM2` + its `SAM2VideoPredictor.add_language_embd` /
+`propagate_in_video`) on top of Meta's `sam2` package (SAM 2.0 Hiera-L, no hydra/yaml).
+The SAM2 modules are Meta's classes, built here from explicit numbers; this file only adds the
+Sa2VA decoding and a bounded, batched video loop around them.
+
+Deviations from the reference:
+* Video: all N objects of a video run in one batched pass per frame (the reference runs one
+  state per `[SEG]`); every conditioning frame is decoded and memory-encoded up front, so
+  spread-out key frames are all in memory from the first frame (SAM2's consolidation
+  semantics). Frames before the first conditioning frame are tracked forward from those
+  memories (SAM2 would need a reverse pass). Only the memory entries that memory attention
+  can still read are kept.
+* No autocast: everything runs in the module's dtype; the dense prompt PE is computed in fp32
+  and cast (the reference computes it under bf16 autocast). Mask logits are always fp32.
+"""
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from sam2.modeling.backbones.hieradet import Hiera
+from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
+from sam2.modeling.memory_attention import MemoryAttention, MemoryAttentionLayer
+from sam2.modeling.memory_encoder import CXBlock, Fuser, MaskDownSampler, MemoryEncoder
+from sam2.modeling.position_encoding import PositionEmbeddingSine
+from sam2.modeling.sam.transformer import RoPEAttention
+from sam2.modeling.sam2_base import SAM2Base
+
+BACKBONE_STRIDE = 16  # SAM2 image embedding is 1/16 of the input side (64x64 at 1024)
+NUM_COND_FRAMES = 5  # Sa2VA conditions SAM2 on the frames its MLLM saw: the first 5
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# SAM2VideoPredictor stores spatial memories in bf16 whatever the model dtype.
+MEMORY_DTYPE = torch.bfloat16
+# A video for track(): (T, 3, S, S), a sequence of (3, S, S) frames, or t -> (3, S, S)
+Frames = Tensor | Sequence[Tensor] | Callable[[int], Tensor]
+
+
+# Reference: sam2_hiera_l.yaml / Sa2VA `SAM2.build_*` (numbers only; flags live in build_sam2).
+@dataclass(frozen=True)
+class SAM2Config:
+    embed_dim: int  # Hiera stage-1 width; doubles every stage
+    num_heads: int  # Hiera stage-1 heads; doubles every stage
+    stages: tuple[int, ...]  # blocks per stage
+    global_att_blocks: tuple[int, ...]
+    window_spec: tuple[int, ...]  # window size per stage
+    window_pos_embed_bkg_spatial_size: tuple[int, int]
+    fpn_top_down_levels: tuple[int, ...] = (2, 3)
+    d_model: int = 256  # neck / decoder / memory-attention width
+    mem_dim: int = 64  # memory-encoder output width; a pointer becomes d_model // mem_dim tokens
+    memory_attention_layers: int = 4
+    memory_attention_ffn: int = 2048
+    num_maskmem: int = 7  # 1 conditioning slot + 6 previous frames
+    max_obj_ptrs_in_encoder: int = 16
+    image_size: int = 1024
+    sigmoid_scale_for_mem_enc: float = 20.0
+    sigmoid_bias_for_mem_enc: float = -10.0
+
+    @property
+    def backbone_channel_list(self) -> tuple[int, ...]:
+        # Hiera doubles the width per stage; the neck lists them deepest first
+        return tuple(self.embed_dim * 2**i for i in reversed(range(len(self.stages))))
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // BACKBONE_STRIDE
+
+    @classmethod
+    def hiera_large(cls) -> "SAM2Config":
+        return cls(embed_dim=144, num_heads=2, stages=(2, 6, 36, 4), global_att_blocks=(23, 33, 43),
+                   window_spec=(8, 4, 16, 8), window_pos_embed_bkg_spatial_size=(7, 7))
+
+    @classmethod
+    def debug(cls) -> "SAM2Config":
+        # 128 px input -> 8x8 embedding, 32x32 mask logits; d_model/mem_dim as released. The global
+        # block must not open a stage: Hiera cannot q-pool a global-attention block.
+        return cls(embed_dim=8, num_heads=1, stages=(1, 1, 2, 1), global_att_blocks=(3,),
+                   window_spec=(8, 4, 4, 2), window_pos_embed_bkg_spatial_size=(4, 4),
+                   memory_attention_layers=2, memory_attention_ffn=128, image_size=128)
+
+
+class _LinspaceOnCPU(TorchFunctionMode):
+    # Hiera computes its drop-path schedule with torch.linspace(...).item(), which fails under a
+    # meta default device; the schedule is Python floats, so compute it on CPU.
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.linspace:
+            kwargs["device"] = "cpu"
+        return func(*args, **kwargs)
+
+
+def build_sam2(cfg: SAM2Config) -> SAM2Base:
+    """Meta's SAM2Base with every flag the Sa2VA release uses (architecture.md §5.1).
+
+    Works under `with torch.device("meta")`; the state_dict keys are those of the HF checkpoint
+    minus `grounding_encoder.sam2_model.`, with `.g_weight` named `.gamma`.
+    """
+    d, g = cfg.d_model, cfg.grid
+    with _LinspaceOnCPU():
+        trunk = Hiera(embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, stages=cfg.stages,
+                      global_att_blocks=cfg.global_att_blocks, window_spec=cfg.window_spec,
+                      window_pos_embed_bkg_spatial_size=cfg.window_pos_embed_bkg_spatial_size)
+    neck = FpnNeck(position_encoding=PositionEmbeddingSine(d, warmup_cache=False), d_model=d,
+                   backbone_channel_list=list(cfg.backbone_channel_list),
+                   fpn_top_down_levels=list(cfg.fpn_top_down_levels), fpn_interp_model="nearest")
+
+    def rope_attention(kv_in_dim=None):
+        return RoPEAttention(embedding_dim=d, num_heads=1, downsample_rate=1, dropout=0.1,
+                             rope_theta=10000.0, feat_sizes=(g, g),
+                             rope_k_repeat=kv_in_dim is not None, kv_in_dim=kv_in_dim)
+
+    layer = MemoryAttentionLayer(
+        activation="relu", self_attention=rope_attention(), cross_attention=rope_attention(cfg.mem_dim),
+        d_model=d, dim_feedforward=cfg.memory_attention_ffn, dropout=0.1, pos_enc_at_attn=False,
+        pos_enc_at_cross_attn_keys=True, pos_enc_at_cross_attn_queries=False)
+    memory_encoder = MemoryEncoder(
+        out_dim=cfg.mem_dim, in_dim=d,
+        position_encoding=PositionEmbeddingSine(cfg.mem_dim, warmup_cache=False),
+        mask_downsampler=MaskDownSampler(embed_dim=d, kernel_size=3, stride=2, padding=1,
+                                         total_stride=BACKBONE_STRIDE),
+        fuser=Fuser(CXBlock(dim=d, kernel_size=7, padding=3, layer_scale_init_value=1e-6,
+                            use_dwconv=True), num_layers=2))
+    model = SAM2Base(
+        image_encoder=ImageEncoder(trunk=trunk, neck=neck, scalp=1),
+        memory_attention=MemoryAttention(d_model=d, pos_enc_at_input=True, layer=layer,
+                                         num_layers=cfg.memory_attention_layers),
+        memory_encoder=memory_encoder,
+        num_maskmem=cfg.num_maskmem, image_size=cfg.image_size, backbone_stride=BACKBONE_STRIDE,
+        sigmoid_scale_for_mem_enc=cfg.sigmoid_scale_for_mem_enc,
+        sigmoid_bias_for_mem_enc=cfg.sigmoid_bias_for_mem_enc,
+        binarize_mask_from_pts_for_mem_enc=False, use_mask_input_as_output_without_sam=True,
+        max_cond_frames_in_attn=-1, directly_add_no_mem_embed=True,
+        use_high_res_features_in_sam=True, multimask_output_in_sam=True,
+        multimask_min_pt_num=0, multimask_max_pt_num=1, multimask_output_for_tracking=True,
+        use_multimask_token_for_obj_ptr=True, iou_prediction_use_sigmoid=True,
+        memory_temporal_stride_for_eval=1, non_overlap_masks_for_mem_enc=False,
+        use_obj_ptrs_in_encoder=True, max_obj_ptrs_in_encoder=cfg.max_obj_ptrs_in_encoder,
+        add_tpos_enc_to_obj_ptrs=False, only_obj_ptrs_in_the_past_for_eval=True,
+        pred_obj_scores=True, pred_obj_scores_mlp=True, fixed_no_obj_ptr=True,
+        soft_no_obj_ptr=False, use_mlp_for_obj_ptr_proj=True, compile_image_encoder=False,
+        # HF-only; inactive because Sa2VA always decodes with multimask_output=True
+        sam_mask_decoder_extra_args=dict(dynamic_multimask_via_stability=True,
+                                         dynamic_multimask_stability_delta=0.05,
+                                         dynamic_multimask_stability_thresh=0.98))
+    # RoPE tables are plain attributes, not buffers: rebuild them on CPU so a model built on the
+    # meta device and loaded with assign=True can run (forward moves them to the input device).
+    with torch.device("cpu"):
+        for m in model.modules():
+            if isinstance(m, RoPEAttention):
+                m.freqs_cis = m.compute_cis(end_x=g, end_y=g)
+    return model
+
+
+# Reference: SAM2Base.forward_image + _prepare_backbone_features (kept as BCHW maps).
+@dataclass
+class Features:
+    s0: Tensor  # (B, d/8, 4g, 4g) stride-4 level after sam_mask_decoder.conv_s0
+    s1: Tensor  # (B, d/4, 2g, 2g) stride-8 level after sam_mask_decoder.conv_s1
+    embed: Tensor  # (B, d, g, g) stride-16 level: image embedding and memory-encoder input
+    pos: Tensor  # (B, d, g, g) sine position encoding of the stride-16 level
+
+    def __len__(self) -> int:
+        return self.embed.shape[0]
+
+    def expand(self, n: int) -> "Features":
+        """The same frame's features for n objects (a view, no copy)."""
+        if len(self) == n:
+            return self
+        if len(self) != 1:
+            raise ValueError(f"features hold {len(self)} frames for {n} prompts; "
+                             "pass 1 frame or one frame per prompt")
+        return Features(*(x.expand(n, -1, -1, -1) for x in (self.s0, self.s1, self.embed, self.pos)))
+
+
+class MaskOutput(NamedTuple):
+    logits: Tensor  # (N, 1, 4g, 4g) fp32 low-res mask logits of the best-IoU mask
+    obj_ptr: Tensor  # (N, d) object pointer (no_obj_ptr where the object score is <= 0)
+    object_score: Tensor  # (N, 1) object-presence logit
+
+
+class FrameMemory(NamedTuple):
+    maskmem: Tensor | None  # (N, mem_dim, g, g) MEMORY_DTYPE; None once out of the memory window
+    obj_ptr: Tensor  # (N, d)
+    logits: Tensor | None  # (N, 1, 4g, 4g) fp32, kept for conditioning frames only
+
+
+# Reference: SAM2VideoPredictor inference_state["output_dict"], bounded to what can still be read.
+@dataclass
+class VideoMemory:
+    num_frames: int
+    num_objects: int
+    mem_window: int  # spatial memories read from non-conditioning frames t-1 .. t-mem_window
+    ptr_window: int  # object pointers read from non-conditioning frames t-1 .. t-ptr_window
+    cond: dict[int, FrameMemory] = field(default_factory=dict)
+    recent: dict[int, FrameMemory] = field(default_factory=dict)
+    maskmem_pos: Tensor | None = None  # (1, mem_dim, g, g), the same for every frame
+
+    def add_recent(self, t: int, entry: FrameMemory) -> None:
+        """Store frame t's output and drop what frame t+1 and later can no longer read."""
+        self.recent[t] = entry
+        for f in list(self.recent):
+            if f < t + 1 - self.ptr_window:
+                del self.recent[f]
+            elif f < t + 1 - self.mem_window and self.recent[f].maskmem is not None:
+                self.recent[f] = self.recent[f]._replace(maskmem=None)
+
+
+# Reference: Sa2VA `SAM2` (grounding_encoder) + the SAM2VideoPredictor paths it uses.
+class SAM2Bridge(nn.Module):
+    def __init__(self, cfg: SAM2Config):
+        super().__init__()
+        self.cfg = cfg
+        self.sam2 = build_sam2(cfg)
+
+    @property
+    def _param(self) -> Tensor:
+        return self.sam2.no_mem_embed
+
+    def preprocess(self, frames: Sequence, bf16_stats: bool = True) -> Tensor:
+        """RGB uint8 HxWx3 arrays or PIL images -> (T, 3, S, S) normalised, in the module dtype.
+
+        Resized to S x S without keeping the aspect ratio (BICUBIC), /255, ImageNet mean/std.
+        bf16_stats=True reproduces the HF remote code, whose mean/std tensors are built in bf16
+        (so e.g. std 0.229 becomes 0.2285); False gives the exact constants of the train code.
+        """
+        if len(frames) == 0:
+            raise ValueError("preprocess got no frames; pass a non-empty list of images")
+        size = self.cfg.image_size
+        out = []
+        for i, frame in enumerate(frames):
+            if isinstance(frame, np.ndarray):
+                if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+                    raise ValueError(f"frame {i} is {frame.dtype} {frame.shape}; "
+                                     "expected uint8 (H, W, 3) RGB")
+                frame = Image.fromarray(frame)
+            if not isinstance(frame, Image.Image) or frame.mode != "RGB":
+                raise ValueError(f"frame {i} is not an RGB image; pass uint8 HxWx3 arrays "
+                                 "or PIL images converted with .convert('RGB')")
+            resized = np.asarray(frame.resize((size, size), Image.BICUBIC))
+            out.append(torch.from_numpy(resized.copy()).permute(2, 0, 1))  # (3, S, S)
+        stats = torch.tensor([IMAGENET_MEAN, IMAGENET_STD])
+        if bf16_stats:
+            stats = stats.to(torch.bfloat16).float()
+        x = torch.stack(out).float() / 255.0
+        x = (x - stats[0, :, None, None]) / stats[1, :, None, None]
+        return x.to(device=self._param.device, dtype=self._param.dtype)
+
+    def image_features(self, images: Tensor) -> Features:
+        """(B, 3, S, S) preprocessed frames -> backbone features (compute once per frame)."""
+        s = self.cfg.image_size
+        if images.ndim != 4 or images.shape[1:] != (3, s, s):
+            raise ValueError(f"images have shape {tuple(images.shape)}; "
+                             f"expected (B, 3, {s}, {s}) from preprocess()")
+        dtype = self._param.dtype
+        out = self.sam2.forward_image(images.to(dtype))
+        s0, s1, embed = out["backbone_fpn"]  # scalp=1 dropped stride 32; conv_s0/s1 applied
+        # FpnNeck upsamples in fp32, so top-down levels come back fp32 in a bf16 module
+        pos = out["vision_pos_enc"][-1]
+        return Features(s0=s0, s1=s1, embed=embed.to(dtype), pos=pos.to(dtype))
+
+    def decode_with_prompt(self, features: Features, prompts: Tensor) -> MaskOutput:
+        """Sa2VA's memory-less decode: one mask per 256-d `[SEG]` prompt (architecture.md §5.3).
+
+        `features` holds either one frame (shared by all prompts) or one frame per prompt.
+        """
+        d = self.cfg.d_model
+        self._check_prompts(prompts)
+        feats = features.expand(prompts.shape[0])
+        pix = feats.embed + self.sam2.no_mem_embed.reshape(1, d, 1, 1)  # directly_add_no_mem_embed
+        return self._decode(pix, feats, prompts.to(pix.dtype))
+
+    def postprocess(self, logits: Tensor, size: tuple[int, int]) -> Tensor:
+        """(T, 1, 4g, 4g) low-res logits -> (T, H, W) bool masks.
+
+        Two bilinear steps as the reference (logits -> S x S, the SAM2 state's "video
+        resolution", then -> (H, W)); a direct resize differs slightly.
+        """
+        if logits.ndim != 4 or logits.shape[1] != 1:
+            raise ValueError(f"logits have shape {tuple(logits.shape)}; expected (T, 1, h, w)")
+        s = self.cfg.image_size
+        x = F.interpolate(logits.float(), size=(s, s), mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
+        return x[:, 0] > 0  # sigmoid > 0.5
+
+    def track(self, frames: Frames, prompts: Tensor, cond_frames: Sequence[int] | None = None,
+              num_frames: int | None = None) -> Iterator[tuple[int, Tensor]]:
+        """Video masks for N prompts: yields (t, (N, 1, 4g, 4g) fp32 logits) for t = 0..T-1.
+
+        frames: (T, 3, S, S) tensor, a sequence of (3, S, S) frames, or a callable t -> (3, S, S)
+        (with num_frames) so long videos are decoded on demand. Conditioning frames (default
+        0..min(5, T)-1, as Sa2VA) are decoded with the prompts now; the rest are propagated
+        lazily as the iterator is consumed.
+        """
+        memory = self.condition(frames, prompts, cond_frames, num_frames)
+        return self.propagate(frames, memory)
+
+    @torch.no_grad()
+    def condition(self, frames: Frames, prompts: Tensor, cond_frames: Sequence[int] | None = None,
+                  num_frames: int | None = None) -> VideoMemory:
+        """Decode every conditioning frame with the prompts and encode its memory."""
+        if self.training:
+            raise ValueError("video tracking is inference-only; call .eval() first")
+        self._check_prompts(prompts)
+        get_frame, num_frames = self._frame_source(frames, num_frames)
+        if cond_frames is None:
+            cond_frames = range(min(NUM_COND_FRAMES, num_frames))
+        cond_frames = sorted(cond_frames)
+        if not cond_frames or len(set(cond_frames)) < len(cond_frames) or not (
+                0 <= cond_frames[0] and cond_frames[-1] < num_frames):
+            raise ValueError(f"cond_frames {cond_frames} must be a non-empty set of frame indices "
+                             f"in [0, {num_frames})")
+        memory = VideoMemory(num_frames=num_frames, num_objects=prompts.shape[0],
+                             mem_window=self.cfg.num_maskmem - 1,
+                             ptr_window=min(num_frames, self.cfg.max_obj_ptrs_in_encoder) - 1)
+        for t in cond_frames:
+            feats = self.image_features(get_frame(t)[None]).expand(memory.num_objects)
+            out = self.decode_with_prompt(feats, prompts)
+            maskmem, memory.maskmem_pos = self._encode_memory(feats, out.logits)
+            memory.cond[t] = FrameMemory(maskmem, out.obj_ptr, out.logits)
+        return memory
+
+    @torch.no_grad()
+    def propagate(self, frames: Frames, memory: VideoMemory) -> Iterator[tuple[int, Tensor]]:
+        """Forward sweep: conditioning frames give their stored logits, the others are tracked."""
+        if self.training:
+            raise ValueError("video tracking is inference-only; call .eval() first")
+        get_frame, _ = self._frame_source(frames, memory.num_frames)
+        for t in range(memory.num_frames):
+            if t in memory.cond:
+                yield t, memory.cond[t].logits
+                continue
+            feats = self.image_features(get_frame(t)[None]).expand(memory.num_objects)
+            out = self._decode(self._condition_on_memory(feats, t, memory), feats, None)
+            maskmem, _ = self._encode_memory(feats, out.logits)
+            memory.add_recent(t, FrameMemory(maskmem, out.obj_ptr, None))
+            yield t, out.logits
+
+    def _check_prompts(self, prompts: Tensor) -> None:
+        d = self.cfg.d_model
+        if prompts.ndim != 2 or prompts.shape[0] == 0 or prompts.shape[1] != d:
+            raise ValueError(f"prompts have shape {tuple(prompts.shape)}; "
+                             f"expected (N>0, {d}) projected [SEG] states")
+
+    def _frame_source(self, frames: Frames, num_frames: int | None) -> tuple[Callable[[int], Tensor], int]:
+        s = self.cfg.image_size
+        if callable(frames):
+            if num_frames is None:
+                raise ValueError("num_frames is required when frames is a callable")
+            fetch = frames
+        else:
+            if num_frames is not None and num_frames != len(frames):
+                raise ValueError(f"num_frames={num_frames} but {len(frames)} frames were given")
+            num_frames, fetch = len(frames), frames.__getitem__
+        if num_frames < 1:
+            raise ValueError("the video has no frames; pass at least one frame")
+
+        def get_frame(t: int) -> Tensor:
+            x = fetch(t)
+            if not isinstance(x, Tensor) or x.shape != (3, s, s):
+                raise ValueError(f"frame {t} is not a (3, {s}, {s}) tensor; "
+                                 "produce frames with preprocess()")
+            return x
+        return get_frame, num_frames
+
+    def _dense_pe(self, dtype: torch.dtype) -> Tensor:
+        # PromptEncoder.get_dense_pe() multiplies an fp32 grid by the stored Gaussian matrix and so
+        # fails for a bf16 module outside autocast: same maths in fp32, result cast.
+        g = self.cfg.grid
+        gauss = self.sam2.sam_prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.float()
+        c = (torch.arange(g, device=gauss.device, dtype=torch.float32) + 0.5) / g  # pixel centres
+        xy = torch.stack(torch.meshgrid(c, c, indexing="xy"), dim=-1)  # (g, g, 2) as (x, y)
+        proj = (2 * math.pi) * ((2 * xy - 1) @ gauss)  # (g, g, d/2)
+        pe = torch.cat([proj.sin(), proj.cos()], dim=-1)  # (g, g, d)
+        return pe.permute(2, 0, 1)[None].to(dtype)  # (1, d, g, g)
+
+    def _decode(self, pix: Tensor, feats: Features, lang: Tensor | None) -> MaskOutput:
+        # Reference: Sa2VA SAM2Base._forward_sam_heads with no points, no mask input and
+        # multimask_output=True, minus the NO_OBJ_SCORE blanking (commented out in Sa2VA).
+        n, d, g = pix.shape[0], self.cfg.d_model, self.cfg.grid
+        prompt_encoder = self.sam2.sam_prompt_encoder
+        # no points: the padded dummy point and the "no box" pad both embed as not_a_point
+        sparse = prompt_encoder.not_a_point_embed.weight.expand(n, 2, d)  # (N, 2, d)
+        if lang is not None:
+            sparse = torch.cat([sparse, lang[:, None]], dim=1)  # (N, 3, d)
+        dense = prompt_encoder.no_mask_embed.weight.reshape(1, d, 1, 1).expand(n, d, g, g)
+        masks, ious, tokens, score = self.sam2.sam_mask_decoder(
+            image_embeddings=pix, image_pe=self._dense_pe(pix.dtype),
+            sparse_prompt_embeddings=sparse, dense_prompt_embeddings=dense, multimask_output=True,
+            repeat_image=False, high_res_features=[feats.s0, feats.s1],
+        )  # masks (N, 3, 4g, 4g), ious (N, 3), tokens (N, 3, d): the 3 multimask outputs
+        best = ious.argmax(dim=-1)
+        rows = torch.arange(n, device=pix.device)
+        logits = masks[rows, best][:, None].float()  # (N, 1, 4g, 4g)
+        ptr = self.sam2.obj_ptr_proj(tokens[rows, best])  # (N, d)
+        is_obj = (score > 0).to(ptr.dtype)  # (N, 1)
+        ptr = is_obj * ptr + (1 - is_obj) * self.sam2.no_obj_ptr  # fixed_no_obj_ptr
+        return MaskOutput(logits, ptr, score)
+
+    def _encode_memory(self, feats: Features, logits: Tensor) -> tuple[Tensor, Tensor]:
+        # Reference: SAM2Base._encode_new_memory on the S x S upsampled logits.
+        s, dtype = self.cfg.image_size, feats.embed.dtype
+        high_res = F.interpolate(logits, size=(s, s), mode="bilinear", align_corners=False)
+        cfg = self.cfg
+        mask = torch.sigmoid(high_res) * cfg.sigmoid_scale_for_mem_enc + cfg.sigmoid_bias_for_mem_enc
+        out = self.sam2.memory_encoder(feats.embed, mask.to(dtype), skip_mask_sigmoid=True)
+        return out["vision_features"].to(MEMORY_DTYPE), out["vision_pos_enc"][0][:1]
+
+    def _condition_on_memory(self, feats: Features, t: int, memory: VideoMemory) -> Tensor:
+        # Reference: SAM2Base._prepare_memory_conditioned_features, eval mode, Sa2VA flags.
+        n, d, g, dtype = len(feats), self.cfg.d_model, self.cfg.grid, feats.embed.dtype
+        num_maskmem, mem_dim = self.cfg.num_maskmem, self.cfg.mem_dim
+        tpos = self.sam2.maskmem_tpos_enc  # (num_maskmem, 1, 1, mem_dim)
+        spatial_pos = memory.maskmem_pos.flatten(2).permute(2, 0, 1)  # (g*g, 1, mem_dim)
+        tokens, pos = [], []
+
+        def add(maskmem: Tensor, t_pos: int) -> None:
+            tokens.append(maskmem.to(dtype).flatten(2).permute(2, 0, 1))  # (g*g, N, mem_dim)
+            pos.append((spatial_pos + tpos[num_maskmem - 1 - t_pos]).expand(-1, n, -1))
+
+        for f in sorted(memory.cond):  # every conditioning frame, t_pos 0
+            add(memory.cond[f].maskmem, 0)
+        for t_pos in range(1, num_maskmem):  # frame t - (num_maskmem - t_pos): t-6 first, t-1 last
+            prev = memory.recent.get(t - (num_maskmem - t_pos))
+            if prev is not None:
+                add(prev.maskmem, t_pos)
+        # object pointers: conditioning frames not in the future, then recent frames t-1, t-2, ...
+        ptrs = [memory.cond[f].obj_ptr for f in sorted(memory.cond) if f <= t]
+        ptrs += [memory.recent[f].obj_ptr for f in range(t - 1, t - 1 - memory.ptr_window, -1)
+                 if f in memory.recent]
+        num_ptr_tokens = 0
+        if ptrs:
+            # each d-wide pointer becomes d/mem_dim tokens of width mem_dim
+            ptr = torch.stack(ptrs).to(dtype).reshape(len(ptrs), n, d // mem_dim, mem_dim)
+            ptr = ptr.permute(0, 2, 1, 3).flatten(0, 1)  # (P * d/mem_dim, N, mem_dim)
+            num_ptr_tokens = ptr.shape[0]
+            tokens.append(ptr)
+            pos.append(ptr.new_zeros(ptr.shape))  # add_tpos_enc_to_obj_ptrs=False
+        out = self.sam2.memory_attention(
+            curr=[feats.embed.flatten(2).permute(2, 0, 1)],  # (g*g, N, d)
+            curr_pos=[feats.pos.flatten(2).permute(2, 0, 1)],
+            memory=torch.cat(tokens), memory_pos=torch.cat(pos), num_obj_ptr_tokens=num_ptr_tokens)
+        return out.permute(1, 2, 0).reshape(n, d, g, g)  # (g*g, N, d) -> (N, d, g, g)

@@ -12,8 +12,10 @@ naming the keys. Tensors stream one at a time, so peak memory stays near the lar
 of the largest shard rather than the model.
 """
 import argparse
+import dataclasses
 import json
 import os
+import shutil
 
 import torch
 
@@ -23,6 +25,7 @@ from model.intern_vit import InternViTConfig
 from model.llm import LLMConfig
 
 SAM2_OFFICIAL, SAM2_OURS = "grounding_encoder.sam2_model.", "grounding.sam2."
+QWEN_VISUAL = "model.model.visual."
 
 INTERNVIT = {
     "vision_model.embeddings.class_embedding": "vision.cls_token",
@@ -116,15 +119,21 @@ PACK = {"unpack_wqkv": pack_wqkv}
 
 # ----------------------------------------------------------------------------- configs
 
-def config_from_official(hf: dict) -> Sa2VAConfig:
-    """Our config from an official Sa2VA config.json (InternVL family)."""
+def config_from_official(hf: dict, sam2=None) -> Sa2VAConfig:
+    """Our config from an official Sa2VA config.json (InternVL family).
+
+    The official config does not describe SAM-2 (the release hard-codes Hiera-L); `sam2`
+    overrides it for tiny test checkpoints.
+    """
     if "llm_config" in hf and "vision_config" in hf:
-        return _internvl_config(hf)
-    raise ValueError("config.json is not a Sa2VA InternVL-family config (no llm_config/vision_config); "
-                     "this converter knows the InternVL family")
+        return _internvl_config(hf, sam2)
+    if "text_config" in hf and "vision_config" in hf:
+        return _qwen_vl_config(hf, sam2)
+    raise ValueError(f"config.json names an unknown architecture {hf.get('architectures')}; expected a Sa2VA config "
+                     "with llm_config (InternVL family) or text_config (Qwen-VL family)")
 
 
-def _internvl_config(hf: dict) -> Sa2VAConfig:
+def _internvl_config(hf: dict, sam2) -> Sa2VAConfig:
     from model.sam2_bridge import SAM2Config
     v, lm = hf["vision_config"], hf["llm_config"]
     if hf.get("ps_version", "v2") != "v2":
@@ -153,7 +162,89 @@ def _internvl_config(hf: dict) -> Sa2VAConfig:
         llm = LLMConfig(**common, rope_dynamic_factor=float(scaling.get("factor", 0.0)) if kind else 0.0)
     else:
         raise ValueError(f"unknown LLM architecture {arch!r} in llm_config; supported: Qwen2ForCausalLM, InternLM2ForCausalLM")
-    return Sa2VAConfig("internvl", vision, llm, hf.get("template", "qwen_chat"), SAM2Config.hiera_large())
+    return Sa2VAConfig("internvl", vision, llm, hf.get("template", "qwen_chat"),
+                       sam2 or SAM2Config.hiera_large())
+
+
+def _qwen_vl_family(hf: dict) -> str:
+    v = hf["vision_config"]
+    kind = v.get("model_type", "")
+    if kind.startswith("qwen3_vl") or "deepstack_visual_indexes" in v:
+        return "qwen3_vl"
+    if kind.startswith("qwen2_5_vl") or "fullatt_block_indexes" in v:
+        return "qwen2_5_vl"
+    raise ValueError(f"unknown vision architecture {kind!r} in vision_config; supported: qwen2_5_vl, qwen3_vl")
+
+
+def _qwen_vl_config(hf: dict, sam2) -> Sa2VAConfig:
+    from model.qwen2_5_vit import Qwen25VisionConfig
+    from model.qwen3_vit import Qwen3VisionConfig
+    from model.sam2_bridge import SAM2Config
+    family = _qwen_vl_family(hf)
+    v, t = hf["vision_config"], hf["text_config"]
+    common = dict(depth=v["depth"], hidden_size=v["hidden_size"], num_heads=v["num_heads"],
+                  intermediate_size=v["intermediate_size"], out_hidden_size=v["out_hidden_size"],
+                  patch_size=v["patch_size"], temporal_patch_size=v.get("temporal_patch_size", 2),
+                  spatial_merge_size=v.get("spatial_merge_size", 2))
+    if family == "qwen2_5_vl":
+        vision = Qwen25VisionConfig(**common, window_size=v.get("window_size", 112),
+                                    fullatt_block_indexes=tuple(v["fullatt_block_indexes"]))
+    else:
+        vision = Qwen3VisionConfig(**common, num_position_embeddings=v["num_position_embeddings"],
+                                   deepstack_visual_indexes=tuple(v["deepstack_visual_indexes"]))
+    rope = t.get("rope_scaling") or t.get("rope_parameters") or {}
+    if "mrope_section" not in rope:
+        raise ValueError("text_config.rope_scaling has no mrope_section; is this a Qwen-VL checkpoint?")
+    head_dim = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
+    llm = LLMConfig(vocab_size=t["vocab_size"], dim=t["hidden_size"], n_layers=t["num_hidden_layers"],
+                    n_heads=t["num_attention_heads"], n_kv_heads=t["num_key_value_heads"],
+                    intermediate_size=t["intermediate_size"], head_dim=head_dim, norm_eps=t.get("rms_norm_eps", 1e-6),
+                    rope_theta=t.get("rope_theta", rope.get("rope_theta", 1e6)),
+                    max_position_embeddings=t.get("max_position_embeddings", 128000),
+                    mrope_section=tuple(rope["mrope_section"]),
+                    mrope_interleaved=bool(rope.get("mrope_interleaved", family == "qwen3_vl")),
+                    qkv_bias=family == "qwen2_5_vl", qk_norm=family == "qwen3_vl", tie_embeddings=False)
+    return Sa2VAConfig(family, vision, llm, hf.get("template", "qwen_chat"), sam2 or SAM2Config.hiera_large())
+
+
+def config_to_official(cfg: Sa2VAConfig) -> dict:
+    """The official config.json fields our converter reads, for a config of ours (InternVL family)."""
+    if cfg.family != "internvl":
+        return _qwen_vl_config_to_official(cfg)
+    v, lm = cfg.vision, cfg.llm
+    llm = dict(vocab_size=lm.vocab_size, hidden_size=lm.dim, num_hidden_layers=lm.n_layers, num_attention_heads=lm.n_heads,
+               num_key_value_heads=lm.n_kv_heads, intermediate_size=lm.intermediate_size, rms_norm_eps=lm.norm_eps,
+               rope_theta=lm.rope_theta, max_position_embeddings=lm.max_position_embeddings,
+               tie_word_embeddings=lm.tie_embeddings)
+    if _llm_arch(cfg) == "internlm2":
+        llm.update(architectures=["InternLM2ForCausalLM"], model_type="internlm2", bias=False,
+                   rope_scaling={"type": "dynamic", "factor": lm.rope_dynamic_factor} if lm.rope_dynamic_factor else None)
+    else:
+        llm.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2")
+    return {
+        "architectures": ["Sa2VAChatModel"], "model_type": "sa2va_chat", "template": cfg.template,
+        "downsample_ratio": v.downsample_ratio, "force_image_size": v.image_size, "ps_version": "v2", "select_layer": -1,
+        "hidden_size": lm.dim, "tie_word_embeddings": False,
+        "vision_config": dict(architectures=["InternVisionModel"], model_type="intern_vit_6b", hidden_size=v.hidden_size,
+                              num_hidden_layers=v.n_layers, num_attention_heads=v.n_heads,
+                              intermediate_size=v.intermediate_size, image_size=v.image_size, patch_size=v.patch_size,
+                              qkv_bias=v.qkv_bias, qk_normalization=v.qk_norm, norm_type=v.norm_type,
+                              layer_norm_eps=v.norm_eps, hidden_act="gelu"),
+        "llm_config": llm,
+    }
+
+
+def _qwen_vl_config_to_official(cfg: Sa2VAConfig) -> dict:
+    v, lm = dataclasses.asdict(cfg.vision), cfg.llm
+    v["model_type"] = cfg.family
+    text = dict(model_type=cfg.family + "_text", vocab_size=lm.vocab_size, hidden_size=lm.dim,
+                num_hidden_layers=lm.n_layers, num_attention_heads=lm.n_heads, num_key_value_heads=lm.n_kv_heads,
+                intermediate_size=lm.intermediate_size, head_dim=lm.head_dim, rms_norm_eps=lm.norm_eps,
+                rope_theta=lm.rope_theta, max_position_embeddings=lm.max_position_embeddings, tie_word_embeddings=False,
+                rope_scaling={"rope_type": "default", "mrope_section": list(lm.mrope_section),
+                              **({"mrope_interleaved": True} if lm.mrope_interleaved else {})})
+    return {"architectures": ["Sa2VAChatModelQwen"], "model_type": "sa2va_chat", "template": cfg.template,
+            "tie_word_embeddings": False, "vision_config": v, "text_config": text}
 
 
 def _llm_arch(cfg: Sa2VAConfig) -> str:
@@ -183,13 +274,23 @@ def key_map(cfg: Sa2VAConfig) -> dict[str, tuple[str | None, tuple[str, ...]]]:
     """official key -> (transform or None, our keys) for a whole Sa2VA model of this config."""
     ours = model_shapes(cfg)
     if cfg.family != "internvl":
-        raise ValueError(f"family {cfg.family!r} has no key map yet")
+        table = {"model.model.language_model." + k: v for k, v in QWEN_LLM.items()}
+        table["model.lm_head.weight"] = "llm.lm_head.weight"
+        table.update(HEADS)
+        out = expand(table, {"llm": cfg.llm.n_layers}, ours)
+        # The Qwen towers keep the official parameter names under `vision.`.
+        out.update({QWEN_VISUAL + k[len("vision."):]: (None, (k,)) for k in ours if k.startswith("vision.")})
+        return _with_sam2(out, ours)
     internlm2 = _llm_arch(cfg) == "internlm2"
     table = dict(INTERNVIT)
     table.update({"language_model.model." + k: v for k, v in (INTERNLM2_LLM if internlm2 else QWEN_LLM).items()})
     table["language_model.output.weight" if internlm2 else "language_model.lm_head.weight"] = "llm.lm_head.weight"
     table.update(HEADS)
     out = expand(table, {"vision": cfg.vision.n_layers, "llm": cfg.llm.n_layers}, ours)
+    return _with_sam2(out, ours)
+
+
+def _with_sam2(out: dict, ours: dict) -> dict:
     for k in ours:
         if k.startswith(SAM2_OURS):
             out[SAM2_OFFICIAL + k[len(SAM2_OURS):].replace(".gamma", ".g_weight")] = (None, (k,))
@@ -208,6 +309,12 @@ def apply_map(official: dict[str, torch.Tensor], kmap: dict, llm_cfg: LLMConfig)
     return out
 
 
+def unapply_map(ours: dict[str, torch.Tensor], kmap: dict, llm_cfg: LLMConfig) -> dict[str, torch.Tensor]:
+    """In-memory inverse of apply_map: our state dict -> the official one."""
+    return {off: PACK[transform](*(ours[t] for t in targets), llm_cfg) if transform else ours[targets[0]]
+            for off, (transform, targets) in kmap.items()}
+
+
 # ----------------------------------------------------------------------------- official -> ours
 
 def _official_shards(src: str) -> dict[str, str]:
@@ -223,11 +330,18 @@ def _official_shards(src: str) -> dict[str, str]:
     return {k: single for k in open_safetensors(single).keys()}
 
 
-def convert(src: str, dst: str, dtype: torch.dtype | None = None):
+def convert(src: str, dst: str, dtype: torch.dtype | None = None, sam2=None) -> Sa2VAConfig:
+    """Official HF folder -> our folder (streamed). `sam2`: a SAM2Config for non-Hiera-L test models."""
     from model.tokenizer import load_official_tokenizer
-    with open(os.path.join(src, "config.json")) as f:
-        hf = json.load(f)
-    cfg = config_from_official(hf)
+    cfg_path = os.path.join(src, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise ValueError(f"{src} has no config.json; give the folder of an official Sa2VA checkpoint")
+    with open(cfg_path) as f:
+        try:
+            hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+    cfg = config_from_official(hf, sam2)
     where = _official_shards(src)
     shards = sorted(set(where.values()))
     handles = {p: open_safetensors(p) for p in shards}
@@ -236,7 +350,8 @@ def convert(src: str, dst: str, dtype: torch.dtype | None = None):
         if missing:
             raise ValueError(f"{p} lacks {len(missing)} tensors its index lists, e.g. {sorted(missing)[0]}; the shard is incomplete")
     # A checkpoint without an LM head ties it to the embeddings (checkpoints.md §6).
-    head = "language_model.output.weight" if _llm_arch(cfg) == "internlm2" else "language_model.lm_head.weight"
+    head = {"internvl": "language_model.output.weight" if _llm_arch(cfg) == "internlm2" else "language_model.lm_head.weight"
+            }.get(cfg.family, "model.lm_head.weight")
     if head in where:
         cfg.llm.tie_embeddings = False
     elif not cfg.llm.tie_embeddings:
@@ -277,6 +392,45 @@ def convert(src: str, dst: str, dtype: torch.dtype | None = None):
     return cfg
 
 
+def to_official(src: str, dst: str, like: str | None = None, dtype: torch.dtype | None = None):
+    """Our folder -> the official HF layout, so weights trained here run in the official code.
+
+    Writes model.safetensors and config.json. With `like` (the official release folder the
+    model came from), its config.json, tokenizer files and remote code are copied instead.
+    """
+    cfg = Sa2VAConfig.load(os.path.join(src, "config.json"))
+    f = open_safetensors(os.path.join(src, "model.safetensors"))
+    ours = model_shapes(cfg)
+    check_keys(ours, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f"{src}/model.safetensors")
+    kmap = key_map(cfg)
+    specs = []
+    for off in sorted(kmap):
+        transform, targets = kmap[off]
+        src_dtype = _st_dtype(f.get_slice(targets[0]).get_dtype())
+        out_dtype = dtype if (dtype is not None and src_dtype.is_floating_point) else src_dtype
+        shape = ours[targets[0]]
+        if transform:
+            shape = (sum(ours[t][0] for t in targets), shape[1])
+        specs.append((off, out_dtype, shape))
+
+    def tensors():
+        for off, out_dtype, _ in specs:
+            transform, targets = kmap[off]
+            parts = [f.get_tensor(t) for t in targets]
+            yield off, (PACK[transform](*parts, cfg.llm) if transform else parts[0]).to(out_dtype)
+
+    os.makedirs(dst, exist_ok=True)
+    write_safetensors(os.path.join(dst, "model.safetensors"), specs, tensors())
+    if like:
+        for name in os.listdir(like):
+            if not (name.endswith(".safetensors") or name == "model.safetensors.index.json") and \
+                    os.path.isfile(os.path.join(like, name)):
+                shutil.copy2(os.path.join(like, name), os.path.join(dst, name))
+    else:
+        with open(os.path.join(dst, "config.json"), "w") as fh:
+            json.dump(config_to_official(cfg), fh, indent=2)
+
+
 def _st_dtype(name: str) -> torch.dtype:
     table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
              "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
@@ -290,12 +444,18 @@ def main():
     ap.add_argument("src", help="official Sa2VA Hugging Face folder")
     ap.add_argument("dst", help="output folder")
     ap.add_argument("--dtype", default=None, help="cast floating tensors (bf16, fp16, fp32); default keeps each tensor's dtype")
+    ap.add_argument("--to-official", action="store_true", help="convert our folder SRC back to the official HF layout")
+    ap.add_argument("--like", help="with --to-official: the official folder whose config, tokenizer and code to copy")
     args = ap.parse_args()
     try:
-        cfg = convert(args.src, args.dst, parse_dtype(args.dtype))
+        if args.to_official:
+            to_official(args.src, args.dst, like=args.like, dtype=parse_dtype(args.dtype))
+            print(f"wrote {args.dst} (official Sa2VA layout)")
+        else:
+            cfg = convert(args.src, args.dst, parse_dtype(args.dtype))
+            print(f"wrote {args.dst} ({cfg.family}, LLM {cfg.llm.n_layers} layers x {cfg.llm.dim})")
     except ValueError as e:
         raise SystemExit(f"convert.py: {e}")
-    print(f"wrote {args.dst} ({cfg.family}, LLM {cfg.llm.n_layers} layers x {cfg.llm.dim})")
 
 
 if __name__ == "__main__":

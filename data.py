@@ -18,6 +18,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 SEG, P_START, P_END, VP_START, VP_END = "[SEG]", "<p>", "</p>", "<vp>", "</vp>"
 SA2VA_TOKENS = (SEG, P_START, P_END, VP_START, VP_END)  # added by Sa2VA, in this order
+QWEN_VISION_START, QWEN_VISION_END, QWEN_IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
 
 
 # ----------------------------------------------------------------------------- images
@@ -121,3 +122,113 @@ def format_turn(template: str, text: str, image_tokens: str = "", past_text: str
         raise ValueError("the prompt has an image but no '<image>' placeholder; put '<image>' where it belongs")
     text = text.replace("<image>", image_tokens)
     return past_text + get_template(template).instruction.format(input=text)
+
+
+def qwen_image_string(n_tokens: int) -> str:
+    return QWEN_VISION_START + QWEN_IMAGE_PAD * n_tokens + QWEN_VISION_END
+
+
+def format_qwen_turn(text: str, image_tokens: str = "", system_prompt: str | None = None) -> str:
+    """A user turn as the Qwen-VL chat template renders it: images first, then the text.
+
+    The official code deletes '<image>' and passes the images as separate message items.
+    """
+    head = f"<|im_start|>system\n{system_prompt}<|im_end|>\n" if system_prompt else ""
+    return f"{head}<|im_start|>user\n{image_tokens}{text.replace('<image>', '')}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def qwen_image_spec(cfg):
+    """The image-processor settings of a Qwen-VL config (mean/std per family)."""
+    from qwen_processing import CLIP_MEAN, CLIP_STD, QwenImageSpec
+    mean, std = (CLIP_MEAN, CLIP_STD) if cfg.family == "qwen2_5_vl" else ((0.5,) * 3, (0.5,) * 3)
+    v = cfg.vision
+    return QwenImageSpec(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
+                         temporal_patch_size=v.temporal_patch_size, mean=mean, std=std)
+
+
+# ----------------------------------------------------------------------------- videos
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+class Video:
+    """Frames of a video file (decoded with av), a folder of frame images, or a list of frames.
+
+    Frames are produced on demand: `frame(t)` of a file decodes forward from the last position
+    and keeps only frames asked for with `keep`, so a long video is never held whole in memory.
+    """
+
+    def __init__(self, source):
+        self._list = None
+        self._path = None
+        if isinstance(source, (list, tuple)):
+            self._list = list(source)
+        elif isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
+            names = sorted(n for n in os.listdir(source) if n.lower().endswith(IMAGE_EXTENSIONS))
+            self._list = [os.path.join(source, n) for n in names]
+        elif isinstance(source, (str, os.PathLike)):
+            if not os.path.isfile(source):
+                raise ValueError(f"video {source} does not exist")
+            self._path = str(source)
+            self._n = self._count_frames()
+        else:
+            raise ValueError(f"unsupported video type {type(source).__name__}; give a file, a frame folder or a list of frames")
+        if self._list is not None:
+            self._n = len(self._list)
+        if self._n == 0:
+            raise ValueError(f"video {source if not isinstance(source, (list, tuple)) else '(list)'} has no frames")
+        self._kept: dict[int, Image.Image] = {}
+        self._decoder = None
+        self._next = 0
+        self.size = self.frame(0, keep=True).size  # (W, H) of the first frame
+
+    def __len__(self) -> int:
+        return self._n
+
+    def _open(self):
+        import av
+        try:
+            return av.open(self._path)
+        except (av.error.InvalidDataError, av.error.FFmpegError, OSError) as e:
+            raise ValueError(f"cannot decode video {self._path}: {e}") from None
+
+    def _count_frames(self) -> int:
+        with self._open() as c:
+            if not c.streams.video:
+                raise ValueError(f"{self._path} has no video stream")
+            # Count decodable frames: container headers are often missing or wrong.
+            return sum(1 for _ in c.decode(video=0))
+
+    def frame(self, t: int, keep: bool = False) -> Image.Image:
+        if not 0 <= t < self._n:
+            raise IndexError(f"frame {t} is outside the video's {self._n} frames")
+        if t in self._kept:
+            return self._kept[t]
+        if self._list is not None:
+            im = load_image(self._list[t])
+        else:
+            if self._decoder is None or t < self._next:
+                self._container = self._open()
+                self._decoder, self._next = self._container.decode(video=0), 0
+            while True:
+                im = next(self._decoder).to_image().convert("RGB")
+                self._next += 1
+                if self._next - 1 == t:
+                    break
+        if keep:
+            self._kept[t] = im
+        return im
+
+
+def key_frame_indices(num_frames: int, k: int, mode: str) -> list[int]:
+    """Frames the MLLM sees and SAM-2 conditions on.
+
+    'first': frames 0..k-1, the official Sa2VA behaviour. 'uniform': k evenly spaced frames
+    over the whole clip (the Sa2VA-i finding, same weights, better on long videos).
+    """
+    k = min(k, num_frames)
+    if mode == "first":
+        return list(range(k))
+    if mode == "uniform":
+        return sorted({round(i * (num_frames - 1) / max(k - 1, 1)) for i in range(k)})
+    raise ValueError(f"unknown key-frame mode {mode!r}; use 'first' or 'uniform'")

@@ -123,7 +123,4 @@ def load_model(path: str, device="cpu", dtype: torch.dtype | None = None) -> Sa2
             t = t.to(dtype)
         sd[k] = t.to(device)
     model.load_state_dict(sd, strict=True, assign=True)
-    model.eval()
-    if hasattr(model, "grounding"):
-        model.grounding.materialize(device)
-    return model
+    return model.eval()

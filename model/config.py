@@ -22,6 +22,9 @@ class Sa2VAConfig:
     template: str = "qwen_chat"  # the official `config.template`: prompt format and stop words
     sam2: object | None = None  # SAM2Config; None builds the MLLM alone
     seg_dim: int = 256  # SAM-2 prompt width that text_hidden_fcs projects to
+    # Qwen-VL: the system turn the checkpoint's chat template adds when none is given
+    # (stock Qwen2.5-VL: "You are a helpful assistant."; Qwen3-VL: none). Read by convert.py.
+    system_prompt: str = ""
 
     def __post_init__(self):
         if self.family not in FAMILIES:
@@ -89,12 +92,22 @@ VIT_6B = InternViTConfig(hidden_size=3200, n_layers=45, n_heads=25, intermediate
 QWEN_VOCAB = 151679  # 151665 base + 9 InternVL tokens + 5 Sa2VA tokens
 
 
+def _qwen_vl_llm(vocab, dim, layers, heads, kv, ffn, qwen3=False) -> LLMConfig:
+    if qwen3:  # Qwen3-VL text model: qk-norm, no qkv bias, interleaved mRoPE
+        return LLMConfig(vocab, dim, layers, heads, kv, ffn, head_dim=128, rope_theta=5e6, qk_norm=True,
+                         mrope_section=(24, 20, 20), mrope_interleaved=True, max_position_embeddings=262144)
+    return LLMConfig(vocab, dim, layers, heads, kv, ffn, rope_theta=1e6, qkv_bias=True, mrope_section=(16, 24, 24),
+                     max_position_embeddings=128000)
+
+
 def _sam2_large():
     from model.sam2_bridge import SAM2Config
     return SAM2Config.hiera_large()
 
 
 def _preset_table() -> dict:
+    from model.qwen2_5_vit import Qwen25VisionConfig
+    from model.qwen3_vit import Qwen3VisionConfig
     sam2 = _sam2_large()
     return {
         "Sa2VA-1B": Sa2VAConfig("internvl", VIT_300M, _qwen25(QWEN_VOCAB, 896, 24, 14, 2, 4864), "qwen_chat", sam2),
@@ -105,6 +118,13 @@ def _preset_table() -> dict:
         "Sa2VA-InternVL3-2B": Sa2VAConfig("internvl", VIT_300M, _qwen25(QWEN_VOCAB, 1536, 28, 12, 2, 8960), "qwen_chat", sam2),
         "Sa2VA-InternVL3-8B": Sa2VAConfig("internvl", VIT_300M, _qwen25(QWEN_VOCAB, 3584, 28, 28, 4, 18944), "qwen_chat", sam2),
         "Sa2VA-InternVL3-14B": Sa2VAConfig("internvl", VIT_300M, _qwen25(QWEN_VOCAB, 5120, 48, 40, 8, 13824), "qwen_chat", sam2),
+        # Vocab sizes = base tokenizer + 5 Sa2VA tokens (UNVERIFIED against the hub files).
+        "Sa2VA-Qwen2_5-VL-3B": Sa2VAConfig("qwen2_5_vl", Qwen25VisionConfig.qwen2_5_vl(2048),
+                                           _qwen_vl_llm(151670, 2048, 36, 16, 2, 11008), "qwen_chat", sam2),
+        "Sa2VA-Qwen2_5-VL-7B": Sa2VAConfig("qwen2_5_vl", Qwen25VisionConfig.qwen2_5_vl(3584),
+                                           _qwen_vl_llm(151670, 3584, 28, 28, 4, 18944), "qwen_chat", sam2),
+        "Sa2VA-Qwen3-VL-4B": Sa2VAConfig("qwen3_vl", Qwen3VisionConfig.qwen3_vl_4b(),
+                                         _qwen_vl_llm(151674, 2560, 36, 32, 8, 9728, qwen3=True), "qwen_chat", sam2),
     }
 
 
@@ -113,7 +133,7 @@ def debug_config(family: str = "internvl", llm: str = "qwen2", vocab_size: int =
     tiny_sam2 = None
     if sam2:
         from model.sam2_bridge import SAM2Config
-        tiny_sam2 = SAM2Config.tiny()
+        tiny_sam2 = SAM2Config.debug()
     if llm == "qwen2":
         lm = LLMConfig(vocab_size, 64, 2, 4, 2, 128, qkv_bias=True)
     elif llm == "internlm2":
@@ -125,7 +145,18 @@ def debug_config(family: str = "internvl", llm: str = "qwen2", vocab_size: int =
     if family == "internvl":
         vit = InternViTConfig(hidden_size=32, n_layers=2, n_heads=4, intermediate_size=64, image_size=56)
         return Sa2VAConfig("internvl", vit, lm, "internlm2_chat" if llm == "internlm2" else "qwen_chat", tiny_sam2)
-    raise ValueError(f"no debug preset for family {family!r} yet")
+    if family == "qwen2_5_vl":
+        from model.qwen2_5_vit import Qwen25VisionConfig
+        lm = LLMConfig(vocab_size, 64, 2, 4, 2, 128, qkv_bias=True, mrope_section=(2, 3, 3))
+        vit = dataclasses.replace(Qwen25VisionConfig.debug(), out_hidden_size=64)
+        return Sa2VAConfig("qwen2_5_vl", vit, lm, "qwen_chat", tiny_sam2)
+    if family == "qwen3_vl":
+        from model.qwen3_vit import Qwen3VisionConfig
+        lm = LLMConfig(vocab_size, 64, 3, 4, 2, 128, head_dim=32, qk_norm=True, rope_theta=5e6,
+                       mrope_section=(6, 5, 5), mrope_interleaved=True)
+        vit = dataclasses.replace(Qwen3VisionConfig.debug(), out_hidden_size=64)
+        return Sa2VAConfig("qwen3_vl", vit, lm, "qwen_chat", tiny_sam2)
+    raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
 
 
 def preset(name: str) -> Sa2VAConfig:

@@ -37,6 +37,11 @@ class Sa2VAModel(nn.Module):
         """InternVL: tiles (N, 3, S, S) -> LLM-space visual tokens (N, tokens_per_tile, D)."""
         return self.projector(self.vision(pixels))
 
+    def encode_qwen(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Qwen-VL: flattened patches + grids -> visual tokens (N, D) and deepstack features (Qwen3-VL)."""
+        out = self.vision(pixel_values, grid_thw)
+        return out if self.cfg.family == "qwen3_vl" else (out, [])
+
     def embed(self, input_ids: torch.Tensor, visual: torch.Tensor | None, visual_token_id: int) -> torch.Tensor:
         """Token embeddings (B, L, D) with the visual-token rows replaced, in order, by `visual` (N, D)."""
         x = self.llm.embed_tokens(input_ids)

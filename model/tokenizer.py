@@ -71,7 +71,7 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int:
         i = self._backend.token_to_id(token)
         if i is None:
-            raise KeyError(f"token {token!r} is not in this tokenizer's vocabulary; check the checkpoint's tokens")
+            raise ValueError(f"token {token!r} is not in this tokenizer's vocabulary; check the checkpoint's tokens")
         return i
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:

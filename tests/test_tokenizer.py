@@ -240,7 +240,7 @@ def test_internlm2_ids_len_and_specials(internlm2_folder):
     assert (ours.bos_id, ours.eos_id) == (1, 2)
     assert ours.token_to_id("<|im_start|>") == ref.sp.piece_to_id("[UNUSED_TOKEN_146]")
     assert ours.eos_token == "</s>" and ours.token_id_or_none("<not-a-token>") is None
-    with pytest.raises(KeyError, match="not in this tokenizer"):
+    with pytest.raises(ValueError, match="not in this tokenizer"):
         ours.token_to_id("<not-a-token>")
 
 

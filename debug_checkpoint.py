@@ -1,0 +1,85 @@
+"""Write tiny random-weight Sa2VA checkpoints in the official Hugging Face layout.
+
+No real checkpoint can be downloaded in tests or CI, so the tests and `sa2va.py --self-check`
+build stand-ins: the official file names, config fields and tensor keys, at debug sizes, with a
+byte-level tokenizer that carries the family's special tokens. Random weights: the masks and
+answers mean nothing; the plumbing is real.
+"""
+import json
+import os
+
+import torch
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+import convert
+from model.checkpoint import build_model, write_safetensors
+from model.config import Sa2VAConfig, debug_config
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_VL_SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>"]
+INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
+SA2VA_TOKENS = ["[SEG]", "<p>", "</p>", "<vp>", "</vp>"]
+
+
+def added_tokens(family: str) -> list[str]:
+    """Special tokens after the 256 byte tokens, in the order the real tokenizers append them."""
+    base = QWEN_SPECIALS + (QWEN_VL_SPECIALS if family != "internvl" else INTERNVL_TOKENS)
+    return base + SA2VA_TOKENS
+
+
+def vocab_size(family: str) -> int:
+    return 256 + len(added_tokens(family))
+
+
+def write_tokenizer(dst: str, family: str):
+    """A Qwen-style byte-level BPE without merges, saved as an official tokenizer folder."""
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(alphabet))}, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added_tokens(family)])
+    os.makedirs(dst, exist_ok=True)
+    tok.save(os.path.join(dst, "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in added_tokens(family)}
+    with open(os.path.join(dst, "added_tokens.json"), "w") as f:
+        json.dump(ids, f)
+    with open(os.path.join(dst, "tokenizer_config.json"), "w") as f:
+        json.dump({"tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                   "bos_token": None, "model_max_length": 32768, "clean_up_tokenization_spaces": False,
+                   "added_tokens_decoder": {str(i): {"content": t, "special": True, "lstrip": False, "rstrip": False,
+                                                     "normalized": False, "single_word": False} for t, i in ids.items()}}, f)
+    with open(os.path.join(dst, "special_tokens_map.json"), "w") as f:
+        json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, f)
+
+
+def write_official_checkpoint(dst: str, cfg: Sa2VAConfig, seed: int = 0, shards: int = 1) -> dict[str, torch.Tensor]:
+    """Random weights for `cfg` written as an official Sa2VA folder; returns the official state dict."""
+    torch.manual_seed(seed)
+    model = build_model(cfg, device="cpu")
+    with torch.no_grad():  # the default init leaves LayerScale at 1 and the position tables at 0
+        for name, p in model.named_parameters():
+            if name.endswith(("pos_embed", "cls_token")):
+                p.normal_(0, 0.02)
+    official = convert.unapply_map(model.state_dict(), convert.key_map(cfg), cfg.llm)
+    os.makedirs(dst, exist_ok=True)
+    keys = sorted(official)
+    parts = [keys[i::shards] for i in range(shards)]
+    if shards == 1:
+        names = ["model.safetensors"]
+    else:
+        names = [f"model-{i + 1:05d}-of-{shards:05d}.safetensors" for i in range(shards)]
+        with open(os.path.join(dst, "model.safetensors.index.json"), "w") as f:
+            json.dump({"metadata": {}, "weight_map": {k: names[i] for i, part in enumerate(parts) for k in part}}, f)
+    for name, part in zip(names, parts):
+        write_safetensors(os.path.join(dst, name), [(k, official[k].dtype, tuple(official[k].shape)) for k in part],
+                          ((k, official[k]) for k in part))
+    with open(os.path.join(dst, "config.json"), "w") as f:
+        json.dump(convert.config_to_official(cfg), f, indent=2)
+    write_tokenizer(dst, cfg.family)
+    return official
+
+
+def debug_checkpoint(dst: str, family: str = "internvl", llm: str = "qwen2", shards: int = 1, seed: int = 0) -> Sa2VAConfig:
+    cfg = debug_config(family, llm=llm, vocab_size=vocab_size(family))
+    write_official_checkpoint(dst, cfg, seed=seed, shards=shards)
+    return cfg

@@ -1,0 +1,414 @@
+"""Chat with Sa2VA and segment what it talks about, in images and videos.
+
+    python sa2va.py --model DIR --image cat.jpg --prompt "<image>Please segment the cat." --out out/
+    python sa2va.py --model DIR --video clip.mp4 --prompt "<image>Please segment the running dog."
+    python sa2va.py --self-check            # tiny random model, end to end (no checkpoint needed)
+
+Python:
+    model = Sa2VA.from_pretrained("checkpoints/Sa2VA-1B")
+    out = model.predict(image="cat.jpg", text="<image>Please segment the cat.")
+    out.text, out.masks[0].shape   # answer, (1, H, W) bool per [SEG]
+
+Reproduces the official `predict_forward` (inference.md) of both the InternVL and the Qwen-VL
+families: prompts, tiling / Qwen image processing, greedy generation, `[SEG]` hidden states -> text_hidden_fcs -> SAM-2, video propagation.
+Additions: teacher-forced answers (`answer=`), evenly spaced key frames for video, all objects
+of a video tracked in one batched SAM-2 pass, conversation state kept for follow-up turns.
+"""
+import argparse
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+import data
+from model.checkpoint import load_model, parse_dtype
+from model.generate import GenerationConfig, generate
+from model.sa2va import Sa2VAModel
+from model.tokenizer import Tokenizer
+
+NUM_VIDEO_KEY_FRAMES = 5  # frames of a video the MLLM sees (official: the first five)
+
+
+@dataclass
+class Conversation:
+    """What a follow-up turn needs: the formatted text so far, its visual rows and the media."""
+    text: str = ""
+    visual: torch.Tensor | None = None  # (N_ctx, D) rows for every visual token in `text`
+    deepstack: list[torch.Tensor] = field(default_factory=list)  # Qwen3-VL: per-layer extra rows
+    grid_thw: torch.Tensor | None = None  # Qwen-VL: (n_images, 3) patch grids, for mRoPE positions
+    image: object = None  # PIL image of this conversation, or None
+    video: data.Video | None = None
+    key_frames: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Prediction:
+    text: str  # the answer, special tokens kept ([SEG], <p>...), the final stop word removed
+    masks: list[np.ndarray]  # one bool array (frames, H, W) per [SEG], in order
+    phrases: list[str]  # GCG: the <p>phrase</p> before each [SEG] ('' when there is none)
+    history: Conversation
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def gcg_phrases(text: str, n_masks: int) -> list[str]:
+    """The phrase of each [SEG]: the text of a `<p>...</p>` right before it, else ''."""
+    phrases = [m.group(1).strip() if m.group(1) is not None else ""
+               for m in re.finditer(r"(?:<p>(.*?)</p>\s*)?\[SEG\]", text, flags=re.S)]
+    return phrases[:n_masks]
+
+
+class Sa2VA:
+    """Inference API around a Sa2VAModel and its tokenizer (kept apart from the nn.Module)."""
+
+    def __init__(self, model: Sa2VAModel, tokenizer: Tokenizer):
+        self.model = model
+        self.tok = tokenizer
+        self.cfg = model.cfg
+        if len(tokenizer) != self.cfg.llm.vocab_size:
+            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the embedding has {self.cfg.llm.vocab_size} rows; "
+                             "the checkpoint folder is inconsistent, re-run convert.py")
+        self.template = data.get_template(self.cfg.template)
+        self.seg_id = tokenizer.token_to_id(data.SEG)
+        self.qwen = self.cfg.family != "internvl"
+        self.visual_id = tokenizer.token_to_id(data.QWEN_IMAGE_PAD if self.qwen else data.IMG_CONTEXT)
+        self.eos_ids = {tokenizer.eos_id} | {i for w in self.template.stop_words
+                                             if (i := tokenizer.token_id_or_none(w)) is not None}
+
+    @classmethod
+    def from_pretrained(cls, path: str, device=None, dtype=None) -> "Sa2VA":
+        """Load a folder written by convert.py. Defaults: CUDA, else MPS, else CPU; bf16 on GPU, fp32 on CPU."""
+        device = torch.device(device) if device is not None else default_device()
+        dtype = parse_dtype(dtype) or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+        model = load_model(path, device=device, dtype=dtype)
+        return cls(model, Tokenizer.load(path))
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.llm.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.llm.embed_tokens.weight.dtype
+
+    # ------------------------------------------------------------------ the MLLM side
+
+    def _tiles(self, images) -> torch.Tensor:
+        return data.to_tensor(images, self.cfg.vision.image_size).to(self.device, self.dtype)
+
+    def _internvl_image(self, image, mask_prompts) -> tuple[str, torch.Tensor]:
+        """(image token string, visual rows) for one image, with <vp> regions if given."""
+        tiles = data.dynamic_tiles(image, self.cfg.vision.image_size)
+        feats = self.model.encode_tiles(self._tiles(tiles))  # (n_tiles, tpt, D)
+        token_str = data.image_token_string([feats.shape[0] * feats.shape[1]])
+        rows = [feats.flatten(0, 1)]
+        if mask_prompts is not None:
+            regions = self._region_masks(mask_prompts, image.size)  # (n, side, side) bool
+            token_str += data.vp_string(regions.flatten(1).sum(1).tolist())
+            last = feats[-1]  # the thumbnail, or the only tile
+            rows += [last[r.flatten()] for r in regions.to(self.device)]
+        return token_str, torch.cat(rows)
+
+    def _region_masks(self, mask_prompts, size) -> torch.Tensor:
+        m = np.asarray(mask_prompts[0] if isinstance(mask_prompts, (list, tuple)) else mask_prompts)
+        W, H = size
+        if m.ndim == 2:
+            m = m[None]
+        if m.ndim != 3 or m.shape[0] == 0:
+            raise ValueError(f"mask_prompts must be (n_regions, H, W), got shape {m.shape}")
+        if m.shape[1:] != (H, W):
+            raise ValueError(f"mask_prompts are {m.shape[1]}x{m.shape[2]} but the image is {H}x{W}; give masks of the image's size")
+        side = self.cfg.vision.grid // 2
+        # Nearest resize to the token grid, as the reference (F.interpolate 'nearest').
+        small = F.interpolate(torch.from_numpy(m.astype(np.float32))[None], size=(side, side), mode="nearest")[0]
+        return small > 0
+
+    def _qwen_images(self, images) -> tuple[str, torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Qwen-VL: each image a <|vision_start|><|image_pad|>*n<|vision_end|> block (frames too)."""
+        from qwen_processing import qwen_image_inputs
+        pixels, grid = qwen_image_inputs([data.load_image(im) for im in images], data.qwen_image_spec(self.cfg))
+        visual, deepstack = self.model.encode_qwen(pixels.to(self.device, self.dtype), grid.to(self.device))
+        merge = self.cfg.vision.spatial_merge_size ** 2
+        token_str = "".join(data.qwen_image_string(int(n) // merge) for n in grid.prod(-1))
+        return token_str, visual, deepstack, grid
+
+    def _positions(self, ids: torch.Tensor, conv: Conversation) -> torch.Tensor:
+        if not self.qwen:
+            return torch.arange(ids.shape[1], device=self.device)[None]
+        from qwen_processing import qwen_rope_index
+        pos, _ = qwen_rope_index(ids.cpu(), conv.grid_thw, self.visual_id, self.tok.token_to_id(data.QWEN_VISION_START),
+                                 self.cfg.vision.spatial_merge_size,
+                                 image_temporal_stride=1 if self.cfg.family == "qwen3_vl" else 0)
+        return pos.to(self.device)
+
+    def _encode(self, text: str, bos: bool) -> torch.Tensor:
+        return torch.tensor([self.tok.encode(text, add_bos=bos)], device=self.device)
+
+    def _start_turn(self, image, video, mask_prompts, key_frames) -> tuple[Conversation, str]:
+        """A new conversation for this image or video and its visual token string."""
+        if image is not None:
+            image = data.load_image(image)
+            if self.qwen:
+                token_str, visual, deepstack, grid = self._qwen_images([image])
+                return Conversation(visual=visual, deepstack=deepstack, grid_thw=grid, image=image), token_str
+            token_str, visual = self._internvl_image(image, mask_prompts)
+            return Conversation(visual=visual, image=image), token_str
+        video = video if isinstance(video, data.Video) else data.Video(video)
+        keys = data.key_frame_indices(len(video), NUM_VIDEO_KEY_FRAMES, key_frames)
+        frames = [video.frame(t, keep=True) for t in keys]
+        if self.qwen:
+            token_str, visual, deepstack, grid = self._qwen_images(frames)
+            return Conversation(visual=visual, deepstack=deepstack, grid_thw=grid, video=video, key_frames=keys), token_str
+        feats = self.model.encode_tiles(self._tiles(frames))  # (K, tpt, D)
+        token_str = data.image_token_string([feats.shape[1]] * len(frames))
+        return Conversation(visual=feats.flatten(0, 1), video=video, key_frames=keys), token_str
+
+    # ------------------------------------------------------------------ predict
+
+    @torch.inference_mode()
+    def predict(self, image=None, video=None, text: str = "", mask_prompts=None, answer: str | None = None,
+                history: Conversation | None = None, max_new_tokens: int = 2048, temperature: float = 0.0,
+                top_p: float = 1.0, seed: int | None = None, key_frames: str = "first",
+                progress: bool = False) -> Prediction:
+        """Answer `text` about an image or a video and segment every `[SEG]` of the answer.
+
+        text holds '<image>' where the visual tokens go. answer= skips generation and runs the
+        given answer teacher-forced. history= continues a conversation (same image/video).
+        key_frames: 'first' (official: the first 5 frames) or 'uniform' (5 evenly spaced).
+        """
+        if image is not None and video is not None:
+            raise ValueError("give an image or a video, not both")
+        if mask_prompts is not None and (image is None or self.qwen):
+            raise ValueError("mask_prompts (<vp> regions) need an image and an InternVL-family model")
+        if history is not None and history.text and (image is not None or video is not None):
+            raise ValueError("a follow-up turn reuses the conversation's image or video; start a new conversation for new media")
+        if "<image>" in text and image is None and video is None:
+            raise ValueError("the prompt has '<image>' but no image or video was given")
+        if image is not None or video is not None:
+            conv, token_str = self._start_turn(image, video, mask_prompts, key_frames)
+            turn = data.format_qwen_turn(text, token_str, self.cfg.system_prompt) if self.qwen else \
+                data.format_turn(self.cfg.template, text, token_str)
+        else:
+            conv = history if history is not None else Conversation()
+            turn = data.format_qwen_turn(text, "", self.cfg.system_prompt if not conv.text else None) if self.qwen else \
+                data.format_turn(self.cfg.template, text)
+        prompt = conv.text + turn
+        ids = self._encode(prompt, bos=not self.qwen)
+        context = self.cfg.llm.max_position_embeddings
+        if ids.shape[1] >= context:
+            raise ValueError(f"the prompt has {ids.shape[1]} tokens but the model's context is {context}; "
+                             "use a shorter text, a smaller image or fewer frames")
+        embeds = self.model.embed(ids, conv.visual, self.visual_id)
+        visual_mask = ids == self.visual_id
+        deepstack = conv.deepstack or None
+        prenorm = self.cfg.seg_hidden_prenorm
+
+        if answer is None:
+            gen = GenerationConfig(max_new_tokens=min(max_new_tokens, context - ids.shape[1]), temperature=temperature,
+                                   top_p=top_p, stop_words=self.template.stop_words, seed=seed)
+            out = generate(self.model.llm, embeds, self._positions(ids, conv), None, gen, self.eos_ids,
+                           decode=self.tok.decode, prenorm_hidden=prenorm, deepstack=deepstack, visual_mask=visual_mask)[0]
+            tokens, fed, hidden = out.tokens, out.tokens[:-1], out.hidden
+        else:
+            tokens = self.tok.encode(answer, add_bos=False)
+            if not tokens:
+                raise ValueError("answer= is empty; give the text to segment, e.g. 'Sure, [SEG].'")
+            new = torch.tensor([tokens], device=self.device)
+            full = torch.cat([ids, new], dim=1)
+            x = torch.cat([embeds, self.model.llm.embed_tokens(new)], dim=1)
+            h_post, h_pre = self.model.llm(x, self._positions(full, conv), deepstack=deepstack,
+                                           visual_mask=full == self.visual_id)
+            hidden = (h_pre if prenorm else h_post)[0, ids.shape[1]:]
+            fed = tokens
+        answer_text = self._strip_stop(self.tok.decode(tokens))
+        history = Conversation(prompt + answer_text + self.template.stop_words[0] + "\n", conv.visual, conv.deepstack,
+                               conv.grid_thw, conv.image, conv.video, conv.key_frames)
+        seg_rows = [i for i, t in enumerate(fed) if t == self.seg_id]
+        masks = []
+        if seg_rows and (conv.image is not None or conv.video is not None):
+            prompts = self.model.text_hidden_fcs(hidden[seg_rows])  # (N, 256)
+            masks = self._segment(conv, prompts, progress)
+        return Prediction(answer_text, masks, gcg_phrases(answer_text, len(masks)), history)
+
+    def _strip_stop(self, text: str) -> str:
+        for w in self.template.stop_words:
+            if text.endswith(w):
+                return text[: -len(w)]
+        return text
+
+    # ------------------------------------------------------------------ the SAM-2 side
+
+    def _segment(self, conv: Conversation, prompts: torch.Tensor, progress: bool) -> list[np.ndarray]:
+        bridge = self.model.grounding
+        prompts = prompts.to(self.dtype)
+        if conv.image is not None:
+            W, H = conv.image.size
+            feats = bridge.image_features(bridge.preprocess([conv.image]))
+            logits = bridge.decode_with_prompt(feats, prompts).logits  # (N, 1, h, w)
+            return [m[None] for m in bridge.postprocess(logits, (H, W)).cpu().numpy()]
+        video = conv.video
+        W, H = video.size
+        T = len(video)
+        frame = lambda t: bridge.preprocess([video.frame(t)])[0]  # noqa: E731
+        memory = bridge.condition(frame, prompts, cond_frames=conv.key_frames, num_frames=T)
+        masks = np.zeros((prompts.shape[0], T, H, W), dtype=bool)
+        steps = bridge.propagate(frame, memory)
+        if progress:
+            from tqdm import tqdm
+            steps = tqdm(steps, total=T, desc="SAM-2 propagation", unit="frame")
+        for t, logits in steps:
+            masks[:, t] = bridge.postprocess(logits, (H, W)).cpu().numpy()
+        return list(masks)
+
+
+# ----------------------------------------------------------------------------- outputs
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """COCO uncompressed RLE of a (H, W) bool mask: column-major runs, starting with zeros."""
+    flat = np.asarray(mask, dtype=np.uint8).flatten(order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat.size and flat[0] == 1:
+        counts = [0] + counts
+    return {"size": list(mask.shape), "counts": counts}
+
+
+COLORS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180]], np.uint8)
+
+
+def overlay(frame: np.ndarray, masks: list[np.ndarray]) -> np.ndarray:
+    out = frame.astype(np.float32)
+    for k, m in enumerate(masks):
+        out[m] = 0.5 * out[m] + 0.5 * COLORS[k % len(COLORS)]
+    return out.astype(np.uint8)
+
+
+def write_outputs(out_dir: str, pred: Prediction, image=None, video: data.Video | None = None):
+    """Masks as PNGs, an overlay and result.json, written to a temporary folder then moved into place."""
+    from PIL import Image
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".sa2va-", dir=parent)
+    try:
+        result = {"text": pred.text, "objects": []}
+        for k, m in enumerate(pred.masks):
+            obj = {"phrase": pred.phrases[k] if k < len(pred.phrases) else "", "masks": [rle_encode(f) for f in m]}
+            result["objects"].append(obj)
+            for t, f in enumerate(m):
+                name = f"mask_{k}.png" if image is not None else f"mask_{k}_{t:05d}.png"
+                Image.fromarray(f.astype(np.uint8) * 255).save(os.path.join(tmp, name))
+        if image is not None:
+            Image.fromarray(overlay(np.asarray(image), [m[0] for m in pred.masks])).save(os.path.join(tmp, "overlay.png"))
+        elif video is not None:
+            _write_overlay_video(os.path.join(tmp, "overlay.mp4"), video, pred.masks)
+        with open(os.path.join(tmp, "result.json"), "w") as f:
+            json.dump(result, f)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_overlay_video(path: str, video: data.Video, masks: list[np.ndarray]):
+    import av
+    W, H = video.size
+    with av.open(path, "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = W - W % 2, H - H % 2, "yuv420p"  # yuv420p needs even sides
+        for t in range(len(video)):
+            frame = overlay(np.asarray(video.frame(t)), [m[t] for m in masks])[: s.height, : s.width]
+            for packet in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def self_check(out_dir: str | None = None, family: str = "internvl"):
+    """The main job until trained weights are at hand: a tiny random-weight checkpoint in the
+    official layout goes through convert.py, loading and predict() on an image and a video."""
+    import time
+
+    import convert
+    from debug_checkpoint import debug_checkpoint
+    from model.sam2_bridge import SAM2Config
+    print(f"self-check: a tiny RANDOM-weight Sa2VA ({family} family); its answers and masks are noise, the plumbing is real")
+    with tempfile.TemporaryDirectory() as tmp:
+        official, ours = os.path.join(tmp, "official"), os.path.join(tmp, "ours")
+        debug_checkpoint(official, family, shards=2)
+        convert.convert(official, ours, sam2=SAM2Config.debug())
+        model = Sa2VA.from_pretrained(ours)
+        yy, xx = np.mgrid[:240, :320]
+        frames = [np.stack([(xx + 8 * t) % 256, yy % 256, np.full_like(xx, 128)], -1).astype(np.uint8) for t in range(8)]
+        t0 = time.perf_counter()
+        chat = model.predict(image=frames[0], text="<image>\nWhat is in the image?", max_new_tokens=16)
+        print(f"  chat ({time.perf_counter() - t0:.2f}s): {chat.text!r}")
+        t0 = time.perf_counter()
+        img = model.predict(image=frames[0], text="<image>\nPlease segment the stripes.", answer="Sure, [SEG].")
+        assert len(img.masks) == 1 and img.masks[0].shape == (1, 240, 320), [m.shape for m in img.masks]
+        print(f"  image ({time.perf_counter() - t0:.2f}s): {len(img.masks)} mask of shape {img.masks[0].shape}")
+        t0 = time.perf_counter()
+        vid = model.predict(video=frames, text="<image>\nPlease segment both stripes.", answer="<p>one</p> [SEG] and <p>two</p> [SEG].")
+        assert len(vid.masks) == 2 and all(m.shape == (8, 240, 320) for m in vid.masks), [m.shape for m in vid.masks]
+        print(f"  video ({time.perf_counter() - t0:.2f}s): {len(vid.masks)} objects {vid.phrases}, masks {vid.masks[0].shape}")
+        if out_dir:
+            write_outputs(out_dir, vid, video=vid.history.video)
+            print(f"  wrote {out_dir}")
+    print("self-check passed")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Chat with Sa2VA and segment images and videos.")
+    ap.add_argument("--model", help="folder written by convert.py")
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--image", help="image file")
+    src.add_argument("--video", help="video file or folder of frames")
+    ap.add_argument("--prompt", help="question; '<image>' is prepended when missing")
+    ap.add_argument("--answer", help="skip generation and segment this answer (teacher-forced)")
+    ap.add_argument("--out", help="folder for masks, overlay and result.json")
+    ap.add_argument("--device", help="cuda, mps or cpu (default: best available)")
+    ap.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    ap.add_argument("--max-new-tokens", type=int, default=2048)
+    ap.add_argument("--key-frames", default="first", choices=["first", "uniform"])
+    ap.add_argument("--self-check", action="store_true", help="run end to end on a tiny random checkpoint built on the fly")
+    args = ap.parse_args(argv)
+    if args.self_check:
+        return self_check(args.out)
+    if not args.model or not args.prompt:
+        ap.error("--model and --prompt are required")
+    try:
+        model = Sa2VA.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        prompt = args.prompt
+        if (args.image or args.video) and "<image>" not in prompt:
+            prompt = "<image>\n" + prompt
+        pred = model.predict(image=args.image, video=args.video, text=prompt, answer=args.answer,
+                             max_new_tokens=args.max_new_tokens, key_frames=args.key_frames, progress=True)
+        print(pred.text)
+        for k, m in enumerate(pred.masks):
+            print(f"object {k}: {pred.phrases[k]!r} {m.shape[0]} frame(s), {int(m.sum())} mask pixels")
+        if args.out:
+            write_outputs(args.out, pred, image=pred.history.image, video=pred.history.video)
+            print(f"wrote {args.out}")
+    except ValueError as e:
+        sys.exit(f"sa2va.py: {e}")
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 import shutil
 
 import torch
@@ -309,6 +310,16 @@ def apply_map(official: dict[str, torch.Tensor], kmap: dict, llm_cfg: LLMConfig)
     return out
 
 
+def official_shapes(cfg: Sa2VAConfig, kmap: dict | None = None) -> dict[str, tuple]:
+    """Shape of every official tensor for this config (meta tensors: no memory, no download)."""
+    ours = model_shapes(cfg)
+    out = {}
+    for off, (transform, targets) in (kmap or key_map(cfg)).items():
+        shape = ours[targets[0]]
+        out[off] = (sum(ours[t][0] for t in targets), *shape[1:]) if transform else shape
+    return out
+
+
 def unapply_map(ours: dict[str, torch.Tensor], kmap: dict, llm_cfg: LLMConfig) -> dict[str, torch.Tensor]:
     """In-memory inverse of apply_map: our state dict -> the official one."""
     return {off: PACK[transform](*(ours[t] for t in targets), llm_cfg) if transform else ours[targets[0]]
@@ -342,6 +353,8 @@ def convert(src: str, dst: str, dtype: torch.dtype | None = None, sam2=None) -> 
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
     cfg = config_from_official(hf, sam2)
+    if cfg.family != "internvl":
+        cfg.system_prompt = qwen_default_system_prompt(src)
     where = _official_shards(src)
     shards = sorted(set(where.values()))
     handles = {p: open_safetensors(p) for p in shards}
@@ -404,13 +417,9 @@ def to_official(src: str, dst: str, like: str | None = None, dtype: torch.dtype 
     check_keys(ours, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f"{src}/model.safetensors")
     kmap = key_map(cfg)
     specs = []
-    for off in sorted(kmap):
-        transform, targets = kmap[off]
-        src_dtype = _st_dtype(f.get_slice(targets[0]).get_dtype())
+    for off, shape in sorted(official_shapes(cfg, kmap).items()):
+        src_dtype = _st_dtype(f.get_slice(kmap[off][1][0]).get_dtype())
         out_dtype = dtype if (dtype is not None and src_dtype.is_floating_point) else src_dtype
-        shape = ours[targets[0]]
-        if transform:
-            shape = (sum(ours[t][0] for t in targets), shape[1])
         specs.append((off, out_dtype, shape))
 
     def tensors():
@@ -429,6 +438,25 @@ def to_official(src: str, dst: str, like: str | None = None, dtype: torch.dtype 
     else:
         with open(os.path.join(dst, "config.json"), "w") as fh:
             json.dump(config_to_official(cfg), fh, indent=2)
+
+
+def qwen_default_system_prompt(src: str) -> str:
+    """The system turn a Qwen-VL chat template inserts when the messages bring none.
+
+    Stock Qwen2.5-VL templates add "You are a helpful assistant."; Qwen3-VL's add nothing.
+    We read the literal text instead of running the Jinja template.
+    """
+    template = ""
+    for name in ("chat_template.jinja", "chat_template.json", "tokenizer_config.json"):
+        path = os.path.join(src, name)
+        if os.path.isfile(path):
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+            template = text if name.endswith(".jinja") else json.loads(text).get("chat_template", "") or ""
+            if template:
+                break
+    m = re.search(r"<\|im_start\|>system\n([^{}<]+)<\|im_end\|>", template)
+    return m.group(1) if m else ""
 
 
 def _st_dtype(name: str) -> torch.dtype:

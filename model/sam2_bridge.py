@@ -66,6 +66,10 @@ class SAM2Config:
     sigmoid_scale_for_mem_enc: float = 20.0
     sigmoid_bias_for_mem_enc: float = -10.0
 
+    def __post_init__(self):
+        for name in ("stages", "global_att_blocks", "window_spec", "window_pos_embed_bkg_spatial_size", "fpn_top_down_levels"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))  # JSON round trips give lists
+
     @property
     def backbone_channel_list(self) -> tuple[int, ...]:
         # Hiera doubles the width per stage; the neck lists them deepest first

@@ -193,11 +193,15 @@ class Video:
             raise ValueError(f"cannot decode video {self._path}: {e}") from None
 
     def _count_frames(self) -> int:
+        import av
         with self._open() as c:
             if not c.streams.video:
                 raise ValueError(f"{self._path} has no video stream")
             # Count decodable frames: container headers are often missing or wrong.
-            return sum(1 for _ in c.decode(video=0))
+            try:
+                return sum(1 for _ in c.decode(video=0))
+            except av.error.FFmpegError as e:
+                raise ValueError(f"cannot decode video {self._path}: {e}") from None
 
     def frame(self, t: int, keep: bool = False) -> Image.Image:
         if not 0 <= t < self._n:

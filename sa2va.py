@@ -207,7 +207,7 @@ class Sa2VA:
                 data.format_turn(self.cfg.template, text)
         prompt = conv.text + turn
         ids = self._encode(prompt, bos=not self.qwen)
-        context = self.cfg.llm.max_position_embeddings
+        context = self.cfg.llm.context_length or ids.shape[1] + max_new_tokens
         if ids.shape[1] >= context:
             raise ValueError(f"the prompt has {ids.shape[1]} tokens but the model's context is {context}; "
                              "use a shorter text, a smaller image or fewer frames")

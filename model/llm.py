@@ -39,6 +39,11 @@ class LLMConfig:
     qk_norm: bool = False
     tie_embeddings: bool = False
 
+    @property
+    def context_length(self) -> int | None:
+        """Longest sequence the model was built for; None where dynamic-NTK RoPE stretches it."""
+        return None if self.rope_dynamic_factor else self.max_position_embeddings
+
     def __post_init__(self):
         if self.head_dim == 0:
             self.head_dim = self.dim // self.n_heads

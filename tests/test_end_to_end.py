@@ -1,0 +1,173 @@
+"""End to end on tiny random official-layout checkpoints: convert, load, predict, CLI."""
+import json
+import os
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+import convert
+import data
+import sa2va
+from debug_checkpoint import debug_checkpoint
+from model.sam2_bridge import SAM2Config
+
+H, W = 90, 130  # not square, not a multiple of anything
+
+
+@pytest.fixture(scope="module", params=[("internvl", "qwen2"), ("internvl", "internlm2"), ("qwen2_5_vl", None), ("qwen3_vl", None)],
+                ids=["internvl-qwen2", "internvl-internlm2", "qwen2_5_vl", "qwen3_vl"])
+def checkpoint(request, tmp_path_factory):
+    family, llm = request.param
+    root = tmp_path_factory.mktemp(family)
+    debug_checkpoint(root / "official", family, llm=llm or "qwen2", shards=2)
+    convert.convert(str(root / "official"), str(root / "ours"), sam2=SAM2Config.debug())
+    return str(root / "ours")
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint):
+    return sa2va.Sa2VA.from_pretrained(checkpoint)
+
+
+def frames(n=8):
+    yy, xx = np.mgrid[:H, :W]
+    return [np.stack([(xx * 2 + 9 * t) % 256, (yy * 3) % 256, np.full_like(xx, 60 + t)], -1).astype(np.uint8) for t in range(n)]
+
+
+def test_image_masks_with_forced_answer(model):
+    img = frames(1)[0]
+    out = model.predict(image=img, text="<image>\nPlease segment the stripes.", answer="Sure, [SEG].")
+    assert out.text == "Sure, [SEG]."
+    assert len(out.masks) == 1 and out.masks[0].shape == (1, H, W) and out.masks[0].dtype == bool
+    again = model.predict(image=Image.fromarray(img), text="<image>\nPlease segment the stripes.", answer="Sure, [SEG].")
+    assert np.array_equal(out.masks[0], again.masks[0])  # teacher forcing is deterministic
+
+
+def test_video_masks_several_objects(model):
+    out = model.predict(video=frames(8), text="<image>\nPlease segment both.",
+                        answer="<p>left</p> [SEG] and <p>right</p> [SEG].")
+    assert [m.shape for m in out.masks] == [(8, H, W)] * 2
+    assert out.phrases == ["left", "right"]
+    uniform = model.predict(video=frames(8), text="<image>\nPlease segment both.", answer="Sure, [SEG].", key_frames="uniform")
+    assert uniform.history.key_frames == [0, 2, 4, 5, 7] and uniform.masks[0].shape == (8, H, W)
+
+
+def test_answer_without_seg_gives_no_masks(model):
+    out = model.predict(image=frames(1)[0], text="<image>\nWhat is this?", answer="A test pattern.")
+    assert out.masks == [] and out.phrases == []
+
+
+def test_generation_and_follow_up_turn(model):
+    first = model.predict(image=frames(1)[0], text="<image>\nWhat is this?", max_new_tokens=4)
+    assert first.history.text.endswith("<|im_end|>\n") and "What is this?" in first.history.text
+    second = model.predict(text="And now?", history=first.history, answer="It is [SEG].")
+    assert second.history.text.startswith(first.history.text)
+    assert len(second.masks) == 1 and second.masks[0].shape == (1, H, W)  # the conversation's image
+
+
+def test_video_file_and_frame_folder(model, tmp_path):
+    clip = frames(6)
+    path = str(tmp_path / "clip.mp4")
+    with av.open(path, "w") as c:
+        s = c.add_stream("libx264", rate=5)
+        s.width, s.height, s.pix_fmt = W, H - 2, "yuv420p"  # yuv420p needs even sides
+        for f in clip:
+            for p in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f[: H - 2]), format="rgb24")):
+                c.mux(p)
+        for p in s.encode():
+            c.mux(p)
+    out = model.predict(video=path, text="<image>\nPlease segment it.", answer="[SEG].")
+    assert out.masks[0].shape == (6, H - 2, W)
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for t, f in enumerate(clip):
+        Image.fromarray(f).save(folder / f"{t:03d}.png")
+    assert model.predict(video=str(folder), text="<image>\nPlease segment it.", answer="[SEG].").masks[0].shape == (6, H, W)
+
+
+def test_visual_prompts(model):
+    regions = np.zeros((2, H, W), bool)
+    regions[0, :40, :60] = True
+    regions[1, 50:, 70:] = True
+    if model.qwen:
+        with pytest.raises(ValueError, match="InternVL-family"):
+            model.predict(image=frames(1)[0], text="<image>\nWhat is region1?", mask_prompts=[regions], answer="x")
+        return
+    out = model.predict(image=frames(1)[0], text="<image>\nWhat is in region1?", mask_prompts=[regions], answer="A [SEG].")
+    assert "There are 2 part regions in the picture: region1<vp>" in out.history.text
+    n_ctx = out.history.text.count("<IMG_CONTEXT>")
+    assert n_ctx == out.history.visual.shape[0]
+    with pytest.raises(ValueError, match="mask_prompts are 10x10 but the image is 90x130"):
+        model.predict(image=frames(1)[0], text="<image>\nWhat?", mask_prompts=[np.ones((1, 10, 10), bool)], answer="x")
+
+
+def test_bad_inputs(model, tmp_path):
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="cannot decode image"):
+        model.predict(image=str(bad), text="<image>\nhi", answer="x")
+    with pytest.raises(ValueError, match="does not exist"):
+        model.predict(image=str(tmp_path / "nope.png"), text="<image>\nhi", answer="x")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="has no frames"):
+        model.predict(video=str(tmp_path / "empty"), text="<image>\nhi", answer="x")
+    with pytest.raises(ValueError, match="cannot decode video"):
+        model.predict(video=str(bad), text="<image>\nhi", answer="x")
+    with pytest.raises(ValueError, match="no image or video was given"):
+        model.predict(text="<image>\nPlease segment the dog.")
+    if model.cfg.llm.context_length is not None:
+        with pytest.raises(ValueError, match="the model's context is"):
+            model.predict(text="a" * (model.cfg.llm.context_length + 10))
+
+
+def decode_rle(rle):
+    h, w = rle["size"]
+    flat = np.zeros(h * w, np.uint8)
+    pos, val = 0, 0
+    for c in rle["counts"]:
+        flat[pos:pos + c] = val
+        pos, val = pos + c, 1 - val
+    return flat.reshape((w, h)).T.astype(bool)
+
+
+def test_rle_round_trip():
+    m = np.random.default_rng(0).random((7, 5)) > 0.5
+    m[0, 0] = True
+    assert np.array_equal(decode_rle(sa2va.rle_encode(m)), m)
+    assert sa2va.rle_encode(m)["counts"][0] == 0  # COCO RLE starts with a run of zeros
+
+
+def test_cli_writes_outputs(checkpoint, tmp_path, capsys):
+    img = tmp_path / "img.png"
+    Image.fromarray(frames(1)[0]).save(img)
+    out = tmp_path / "out"
+    sa2va.main(["--model", checkpoint, "--image", str(img), "--prompt", "Please segment it.", "--answer", "Sure, [SEG].",
+                "--out", str(out)])
+    assert "Sure, [SEG]." in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["mask_0.png", "overlay.png", "result.json"]
+    result = json.loads((out / "result.json").read_text())
+    mask = np.asarray(Image.open(out / "mask_0.png")) > 0
+    assert np.array_equal(decode_rle(result["objects"][0]["masks"][0]), mask)
+    vid_out = tmp_path / "vid"
+    sa2va.main(["--model", checkpoint, "--video", str(tmp_path), "--prompt", "Please segment it.", "--answer", "[SEG].",
+                "--out", str(vid_out)])
+    assert "overlay.mp4" in os.listdir(vid_out) and "mask_0_00000.png" in os.listdir(vid_out)
+
+
+def test_cli_error_leaves_no_output(checkpoint, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG broken")
+    with pytest.raises(SystemExit, match="sa2va.py: cannot decode image"):
+        sa2va.main(["--model", checkpoint, "--image", str(bad), "--prompt", "hi", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".sa2va-")]
+
+
+def test_key_frame_indices():
+    assert data.key_frame_indices(3, 5, "first") == [0, 1, 2]
+    assert data.key_frame_indices(100, 5, "first") == [0, 1, 2, 3, 4]
+    assert data.key_frame_indices(100, 5, "uniform") == [0, 25, 50, 74, 99]
+    with pytest.raises(ValueError, match="unknown key-frame mode"):
+        data.key_frame_indices(10, 5, "random")

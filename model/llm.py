@@ -225,7 +225,6 @@ class LLM(nn.Module):
             raise RuntimeError("use_cache=True needs setup_cache(batch, max_len) first")
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, mask, self.caches[i] if use_cache else None, start)
-            if deepstack is not None and i < len(deepstack):
-                x = x.clone()
-                x[visual_mask] = x[visual_mask] + deepstack[i].to(x.dtype)
+            if deepstack is not None and i < len(deepstack):  # Qwen3-VL: add ViT features after layer i
+                x = x.index_put((visual_mask,), deepstack[i].to(x.dtype), accumulate=True)
         return self.norm(x), x

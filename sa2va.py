@@ -123,7 +123,11 @@ class Sa2VA:
         return token_str, torch.cat(rows)
 
     def _region_masks(self, mask_prompts, size) -> torch.Tensor:
-        m = np.asarray(mask_prompts[0] if isinstance(mask_prompts, (list, tuple)) else mask_prompts)
+        if isinstance(mask_prompts, (list, tuple)):
+            if len(mask_prompts) != 1:
+                raise ValueError(f"mask_prompts has {len(mask_prompts)} entries; give one (n_regions, H, W) array for the one image")
+            mask_prompts = mask_prompts[0]
+        m = np.asarray(mask_prompts)
         W, H = size
         if m.ndim == 2:
             m = m[None]

@@ -100,6 +100,8 @@ def test_visual_prompts(model):
     assert "There are 2 part regions in the picture: region1<vp>" in out.history.text
     n_ctx = out.history.text.count("<IMG_CONTEXT>")
     assert n_ctx == out.history.visual.shape[0]
+    with pytest.raises(ValueError, match="mask_prompts has 2 entries"):
+        model.predict(image=frames(1)[0], text="<image>\nWhat?", mask_prompts=[regions, regions], answer="x")
     with pytest.raises(ValueError, match="mask_prompts are 10x10 but the image is 90x130"):
         model.predict(image=frames(1)[0], text="<image>\nWhat?", mask_prompts=[np.ones((1, 10, 10), bool)], answer="x")
 

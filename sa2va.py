@@ -149,18 +149,6 @@ class Sa2VA:
         token_str = "".join(data.qwen_image_string(int(n) // merge) for n in grid.prod(-1))
         return token_str, visual, deepstack, grid
 
-    def _positions(self, ids: torch.Tensor, conv: Conversation) -> torch.Tensor:
-        if not self.qwen:
-            return torch.arange(ids.shape[1], device=self.device)[None]
-        from qwen_processing import qwen_rope_index
-        pos, _ = qwen_rope_index(ids.cpu(), conv.grid_thw, self.visual_id, self.tok.token_to_id(data.QWEN_VISION_START),
-                                 self.cfg.vision.spatial_merge_size,
-                                 image_temporal_stride=1 if self.cfg.family == "qwen3_vl" else 0)
-        return pos.to(self.device)
-
-    def _encode(self, text: str, bos: bool) -> torch.Tensor:
-        return torch.tensor([self.tok.encode(text, add_bos=bos)], device=self.device)
-
     def _start_turn(self, image, video, mask_prompts, key_frames) -> tuple[Conversation, str]:
         """A new conversation for this image or video and its visual token string."""
         if image is not None:
@@ -182,6 +170,92 @@ class Sa2VA:
 
     # ------------------------------------------------------------------ predict
 
+    def _turn(self, text, image, video, mask_prompts, key_frames, history) -> tuple[Conversation, str]:
+        """The conversation this turn belongs to and the full prompt text up to the answer."""
+        if image is not None and video is not None:
+            raise ValueError("give an image or a video, not both")
+        if mask_prompts is not None and (image is None or self.qwen):
+            raise ValueError("mask_prompts (<vp> regions) need an image and an InternVL-family model")
+        if history is not None and history.text and (image is not None or video is not None):
+            raise ValueError("a follow-up turn reuses the conversation's image or video; start a new conversation for new media")
+        if "<image>" in text and image is None and video is None:
+            raise ValueError("the prompt has '<image>' but no image or video was given")
+        if image is not None or video is not None:
+            conv, token_str = self._start_turn(image, video, mask_prompts, key_frames)
+            return conv, self._format(text, token_str, first_turn=True)
+        conv = history if history is not None else Conversation()
+        return conv, conv.text + self._format(text, "", first_turn=not conv.text)
+
+    def _format(self, text: str, token_str: str, first_turn: bool) -> str:
+        if self.qwen:
+            return data.format_qwen_turn(text, token_str, self.cfg.system_prompt if first_turn else None)
+        return data.format_turn(self.cfg.template, text, token_str)
+
+    def _run_llm(self, prompts: list[str], convs: list[Conversation], answers: list[str] | None,
+                 gen: GenerationConfig) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """One left-padded LLM batch. Per row: (answer tokens, [SEG] rows of them, their hidden states)."""
+        rows = [self.tok.encode(p, add_bos=not self.qwen) for p in prompts]
+        context = self.cfg.llm.context_length
+        for r in rows:
+            if context is not None and len(r) >= context:
+                raise ValueError(f"the prompt has {len(r)} tokens but the model's context is {context}; "
+                                 "use a shorter text, a smaller image or fewer frames")
+        n_prompt = [len(r) for r in rows]
+        if answers is not None:
+            extra = [self.tok.encode(a, add_bos=False) for a in answers]
+            if not all(extra):
+                raise ValueError("an answer is empty; give the text to segment, e.g. 'Sure, [SEG].'")
+            rows = [r + e for r, e in zip(rows, extra)]
+        B, L = len(rows), max(len(r) for r in rows)
+        ids = torch.zeros(B, L, dtype=torch.long, device=self.device)
+        key_mask = torch.zeros(B, L, dtype=torch.bool, device=self.device)
+        for b, r in enumerate(rows):  # left padding: every row ends at the last column
+            ids[b, L - len(r):] = torch.tensor(r, device=self.device)
+            key_mask[b, L - len(r):] = True
+        visual = [c.visual for c in convs if c.visual is not None]
+        embeds = self.model.embed(ids.masked_fill(~key_mask, 0), torch.cat(visual) if visual else None, self.visual_id)
+        visual_mask = (ids == self.visual_id) & key_mask
+        depth = max(len(c.deepstack) for c in convs)
+        deepstack = [torch.cat([c.deepstack[k] for c in convs if c.deepstack]) for k in range(depth)] or None
+        if self.qwen:
+            from qwen_processing import qwen_rope_index
+            grids = [c.grid_thw for c in convs if c.grid_thw is not None]
+            pos, _ = qwen_rope_index(ids.cpu(), torch.cat(grids) if grids else None, self.visual_id,
+                                     self.tok.token_to_id(data.QWEN_VISION_START), self.cfg.vision.spatial_merge_size,
+                                     attention_mask=key_mask.cpu(), image_temporal_stride=int(self.cfg.family == "qwen3_vl"))
+            pos = pos.to(self.device)
+        else:
+            pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+        mask = None if bool(key_mask.all()) else key_mask
+        prenorm = self.cfg.seg_hidden_prenorm
+        out = []
+        if answers is None:
+            for g in generate(self.model.llm, embeds, pos, mask, gen, self.eos_ids, decode=self.tok.decode,
+                              prenorm_hidden=prenorm, deepstack=deepstack, visual_mask=visual_mask):
+                out.append((g.tokens, g.tokens[:-1], g.hidden))
+        else:
+            h_post, h_pre = self.model.llm(embeds, pos, mask, deepstack=deepstack, visual_mask=visual_mask)
+            h = h_pre if prenorm else h_post
+            for b, r in enumerate(rows):
+                tokens = r[n_prompt[b]:]
+                out.append((tokens, tokens, h[b, L - len(tokens):]))
+        return out
+
+    def _finish(self, prompt: str, conv: Conversation, tokens, fed, hidden) -> tuple[Prediction, torch.Tensor]:
+        """The answer text, the next turn's history and the SAM-2 prompts of its [SEG] tokens."""
+        answer_text = self._strip_stop(self.tok.decode(tokens))
+        history = Conversation(prompt + answer_text + self.template.stop_words[0] + "\n", conv.visual, conv.deepstack,
+                               conv.grid_thw, conv.image, conv.video, conv.key_frames)
+        seg_rows = [i for i, t in enumerate(fed) if t == self.seg_id]
+        if conv.image is None and conv.video is None:
+            seg_rows = []  # text-only conversation: nothing to segment
+        prompts = self.model.text_hidden_fcs(hidden[seg_rows]).to(self.dtype)  # (N, 256)
+        return Prediction(answer_text, [], gcg_phrases(answer_text, len(seg_rows)), history), prompts
+
+    def _generation(self, max_new_tokens, temperature, top_p, seed) -> GenerationConfig:
+        return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                stop_words=self.template.stop_words, seed=seed)
+
     @torch.inference_mode()
     def predict(self, image=None, video=None, text: str = "", mask_prompts=None, answer: str | None = None,
                 history: Conversation | None = None, max_new_tokens: int = 2048, temperature: float = 0.0,
@@ -193,59 +267,47 @@ class Sa2VA:
         given answer teacher-forced. history= continues a conversation (same image/video).
         key_frames: 'first' (official: the first 5 frames) or 'uniform' (5 evenly spaced).
         """
-        if image is not None and video is not None:
-            raise ValueError("give an image or a video, not both")
-        if mask_prompts is not None and (image is None or self.qwen):
-            raise ValueError("mask_prompts (<vp> regions) need an image and an InternVL-family model")
-        if history is not None and history.text and (image is not None or video is not None):
-            raise ValueError("a follow-up turn reuses the conversation's image or video; start a new conversation for new media")
-        if "<image>" in text and image is None and video is None:
-            raise ValueError("the prompt has '<image>' but no image or video was given")
-        if image is not None or video is not None:
-            conv, token_str = self._start_turn(image, video, mask_prompts, key_frames)
-            turn = data.format_qwen_turn(text, token_str, self.cfg.system_prompt) if self.qwen else \
-                data.format_turn(self.cfg.template, text, token_str)
-        else:
-            conv = history if history is not None else Conversation()
-            turn = data.format_qwen_turn(text, "", self.cfg.system_prompt if not conv.text else None) if self.qwen else \
-                data.format_turn(self.cfg.template, text)
-        prompt = conv.text + turn
-        ids = self._encode(prompt, bos=not self.qwen)
-        context = self.cfg.llm.context_length or ids.shape[1] + max_new_tokens
-        if ids.shape[1] >= context:
-            raise ValueError(f"the prompt has {ids.shape[1]} tokens but the model's context is {context}; "
-                             "use a shorter text, a smaller image or fewer frames")
-        embeds = self.model.embed(ids, conv.visual, self.visual_id)
-        visual_mask = ids == self.visual_id
-        deepstack = conv.deepstack or None
-        prenorm = self.cfg.seg_hidden_prenorm
+        conv, prompt = self._turn(text, image, video, mask_prompts, key_frames, history)
+        (tokens, fed, hidden), = self._run_llm([prompt], [conv], None if answer is None else [answer],
+                                               self._generation(max_new_tokens, temperature, top_p, seed))
+        pred, prompts = self._finish(prompt, conv, tokens, fed, hidden)
+        if len(prompts):
+            pred.masks = self._segment(conv, prompts, progress)
+        return pred
 
-        if answer is None:
-            gen = GenerationConfig(max_new_tokens=min(max_new_tokens, context - ids.shape[1]), temperature=temperature,
-                                   top_p=top_p, stop_words=self.template.stop_words, seed=seed)
-            out = generate(self.model.llm, embeds, self._positions(ids, conv), None, gen, self.eos_ids,
-                           decode=self.tok.decode, prenorm_hidden=prenorm, deepstack=deepstack, visual_mask=visual_mask)[0]
-            tokens, fed, hidden = out.tokens, out.tokens[:-1], out.hidden
-        else:
-            tokens = self.tok.encode(answer, add_bos=False)
-            if not tokens:
-                raise ValueError("answer= is empty; give the text to segment, e.g. 'Sure, [SEG].'")
-            new = torch.tensor([tokens], device=self.device)
-            full = torch.cat([ids, new], dim=1)
-            x = torch.cat([embeds, self.model.llm.embed_tokens(new)], dim=1)
-            h_post, h_pre = self.model.llm(x, self._positions(full, conv), deepstack=deepstack,
-                                           visual_mask=full == self.visual_id)
-            hidden = (h_pre if prenorm else h_post)[0, ids.shape[1]:]
-            fed = tokens
-        answer_text = self._strip_stop(self.tok.decode(tokens))
-        history = Conversation(prompt + answer_text + self.template.stop_words[0] + "\n", conv.visual, conv.deepstack,
-                               conv.grid_thw, conv.image, conv.video, conv.key_frames)
-        seg_rows = [i for i, t in enumerate(fed) if t == self.seg_id]
-        masks = []
-        if seg_rows and (conv.image is not None or conv.video is not None):
-            prompts = self.model.text_hidden_fcs(hidden[seg_rows])  # (N, 256)
-            masks = self._segment(conv, prompts, progress)
-        return Prediction(answer_text, masks, gcg_phrases(answer_text, len(masks)), history)
+    @torch.inference_mode()
+    def predict_batch(self, images: list, texts: list[str], answers: list[str] | None = None,
+                      max_new_tokens: int = 2048) -> list[Prediction]:
+        """Several image requests in one padded LLM batch (greedy); SAM-2 features once per distinct image.
+
+        Requests that share an image (the same object, e.g. several referring expressions) share
+        its vision encoding too. Equal to calling predict() on each request.
+        """
+        if len(images) != len(texts) or (answers is not None and len(answers) != len(texts)):
+            raise ValueError(f"predict_batch got {len(images)} images, {len(texts)} texts"
+                             f"{'' if answers is None else f', {len(answers)} answers'}; give one of each per request")
+        started: dict[int, tuple[Conversation, str]] = {}
+        turns = []
+        for image, text in zip(images, texts):
+            if image is None:
+                raise ValueError("predict_batch needs an image for every request; use predict() for text-only turns")
+            if id(image) not in started:
+                started[id(image)] = self._start_turn(image, None, None, "first")
+            conv, token_str = started[id(image)]
+            turns.append((conv, self._format(text, token_str, first_turn=True)))
+        outs = self._run_llm([p for _, p in turns], [c for c, _ in turns], answers, self._generation(max_new_tokens, 0.0, 1.0, None))
+        preds, by_image = [], {}
+        for (conv, prompt), (tokens, fed, hidden) in zip(turns, outs):
+            pred, prompts = self._finish(prompt, conv, tokens, fed, hidden)
+            preds.append(pred)
+            by_image.setdefault(id(conv), (conv, []))[1].append((pred, prompts))
+        for conv, items in by_image.values():  # one SAM-2 pass per image for all its objects
+            prompts = torch.cat([p for _, p in items])
+            if len(prompts):
+                masks = self._segment(conv, prompts, progress=False)
+                for pred, p in items:
+                    pred.masks, masks = masks[:len(p)], masks[len(p):]
+        return preds
 
     def _strip_stop(self, text: str) -> str:
         for w in self.template.stop_words:

@@ -6,10 +6,14 @@
 Writes an official-layout folder with random weights one tensor at a time (never the whole
 model): two shards + model.safetensors.index.json, `vision_model.*` in bf16 and the rest in fp32
 as the release (checkpoints.md §5), config.json and a tokenizer padded to the real vocab. Then
-each step runs in a fresh Python process; its peak RSS is ru_maxrss from wait4. A thread in the
-child samples /proc/self/status to split the peak into anonymous memory (tensors we own) and
-file-backed pages (safetensors mmaps: counted in RSS while mapped, though the kernel can drop
-them); it samples every few ms, so those two columns are approximate, the peak is exact.
+each step runs in a fresh Python process that reports its own VmHWM (peak RSS). Not ru_maxrss:
+Linux carries the forking parent's high-water mark across exec, so a child of this (large)
+process would report at least the parent's peak. A thread in the child samples
+/proc/self/status to split the peak into anonymous memory (tensors we own) and file-backed
+pages (safetensors >= 0.4 returns zero-copy views of a whole-file mmap: the pages count in RSS
+once touched and stay while the file is open, though the kernel can drop them under pressure);
+it samples every few ms, so those two columns are approximate. Loading is lazy with such mmaps,
+so the load steps touch every tensor, as a first forward pass would.
 Needs ~3x the checkpoint size on disk (Sa2VA-1B: ~12 GB) and no network.
 """
 import argparse
@@ -30,14 +34,19 @@ GB = 1e9
 # Each step is the literal code a child runs; SRC, OUT, OUT_BF16 are folders.
 STEPS = {
     "import torch (baseline)": "import torch",
+    "import convert (imports)": "import convert, model.checkpoint",
     "convert": "import convert; convert.convert(SRC, OUT)",
     "convert dtype=bf16": "import convert, torch; convert.convert(SRC, OUT_BF16, dtype=torch.bfloat16)",
-    "load_model (ours)": "from model.checkpoint import load_model; m = load_model(OUT)",
+    "load_model (ours)": "from model.checkpoint import load_model; sd = load_model(OUT).state_dict()",
+    # what Sa2VA.from_pretrained does on CPU: fp32, so the bf16 ViT is copied
+    "load_model dtype=fp32": "from model.checkpoint import load_model; import torch\n"
+                             "sd = load_model(OUT, dtype=torch.float32).state_dict()",
     "naive load_file (official)": (
         "import glob; from safetensors.torch import load_file\n"
         "sd = {}\n"
         "for p in sorted(glob.glob(SRC + '/*.safetensors')): sd.update(load_file(p))"),
 }
+TOUCH = "\nfor t in sd.values(): t.sum()"  # page in every weight, as a first forward would
 
 CHILD = r"""
 import json, sys, threading, time
@@ -59,6 +68,8 @@ thread.start()
 exec({code!r})
 stop = True
 thread.join()
+with open("/proc/self/status") as f:
+    peak["peak"] = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
 print("PEAK " + json.dumps(peak))
 """
 
@@ -66,14 +77,11 @@ print("PEAK " + json.dumps(peak))
 def measure(code: str, src: str, out: str, out_bf16: str) -> dict:
     """Run `code` in a fresh interpreter; its peak RSS and the sampled anon / file-backed maxima."""
     prog = CHILD.format(root=ROOT, src=src, out=out, out_bf16=out_bf16, code=code)
-    proc = subprocess.Popen([sys.executable, "-c", prog], stdout=subprocess.PIPE, text=True, cwd=ROOT)
-    stdout = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run([sys.executable, "-c", prog], stdout=subprocess.PIPE, text=True, cwd=ROOT)
     if proc.returncode != 0:
         raise SystemExit(f"memory.py: step failed (exit {proc.returncode}):\n{code}")
-    line = next(ln for ln in stdout.splitlines() if ln.startswith("PEAK "))
-    return {"peak": usage.ru_maxrss * 1024, **json.loads(line[5:])}  # ru_maxrss is in KiB on Linux
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("PEAK "))
+    return json.loads(line[5:])
 
 
 def folder_bytes(path: str) -> int:
@@ -126,11 +134,12 @@ def main():
         print(f"{args.preset}: wrote {src} ({folder_bytes(src) / GB:.2f} GB in 2 shards)", flush=True)
         results = {}
         for name, code in STEPS.items():
-            results[name] = measure(code, src, out, out_bf16)
+            results[name] = measure(code + (TOUCH if "load" in name else ""), src, out, out_bf16)
             print(f"  measured {name}: {results[name]['peak'] / GB:.2f} GB", flush=True)
         sizes = {"official": folder_bytes(src), "ours": folder_bytes(out), "ours bf16": folder_bytes(out_bf16)}
-        disk = {"import torch (baseline)": None, "convert": "official", "convert dtype=bf16": "official",
-                "load_model (ours)": "ours", "naive load_file (official)": "official"}
+        disk = {"import torch (baseline)": None, "import convert (imports)": None, "convert": "official",
+                "convert dtype=bf16": "official", "load_model (ours)": "ours", "load_model dtype=fp32": "ours",
+                "naive load_file (official)": "official"}
         base = results["import torch (baseline)"]["peak"]
         print(f"\nsize on disk: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in sizes.items())
               + f"; largest tensor {largest / GB:.2f} GB")

@@ -183,3 +183,22 @@ def test_bf16_runs_and_agrees_with_fp32(checkpoint, model):
     a, b = model.predict(**args).masks[0], half.predict(**args).masks[0]
     assert a.shape == b.shape == (3, H, W)
     assert (a == b).mean() > 0.8  # random weights: bf16 rounding flips some pixels, not most
+
+
+def test_predict_batch_equals_one_by_one(model):
+    a, b = frames(2)
+    a2 = a[:, ::-1].copy()
+    images = [a, a, b, a2]  # two requests share image a (one vision encoding, one SAM-2 pass)
+    texts = ["<image>\nPlease segment the left part.", "<image>\nWhat is it?", "<image>\nPlease segment it.", "<image>\nHi"]
+    answers = ["Sure, [SEG].", "It is [SEG] and [SEG].", "No mask here.", "[SEG]"]
+    batch = model.predict_batch(images, texts, answers)
+    for img, text, ans, got in zip(images, texts, answers, batch):
+        alone = model.predict(image=img, text=text, answer=ans)
+        assert got.text == alone.text and len(got.masks) == len(alone.masks)
+        for m1, m2 in zip(got.masks, alone.masks):
+            assert m1.shape == m2.shape == (1, H, W) and (m1 == m2).mean() > 0.999
+    generated = model.predict_batch(images[:3], texts[:3], max_new_tokens=5)
+    for img, text, got in zip(images, texts, generated):
+        assert got.text == model.predict(image=img, text=text, max_new_tokens=5).text
+    with pytest.raises(ValueError, match="predict_batch got 2 images, 3 texts"):
+        model.predict_batch(images[:2], texts[:3])

@@ -125,6 +125,11 @@ def _preset_table() -> dict:
                                            _qwen_vl_llm(151670, 3584, 28, 28, 4, 18944), "qwen_chat", sam2),
         "Sa2VA-Qwen3-VL-4B": Sa2VAConfig("qwen3_vl", Qwen3VisionConfig.qwen3_vl_4b(),
                                          _qwen_vl_llm(151674, 2560, 36, 32, 8, 9728, qwen3=True), "qwen_chat", sam2),
+        # Tiny random-weight models, one per family (tests, self-check, quick benchmarks).
+        "debug-internvl": debug_config("internvl", "qwen2"),
+        "debug-internvl-internlm2": debug_config("internvl", "internlm2"),
+        "debug-qwen2_5_vl": debug_config("qwen2_5_vl"),
+        "debug-qwen3_vl": debug_config("qwen3_vl"),
     }
 
 

@@ -20,7 +20,7 @@ import shutil
 
 import torch
 
-from model.checkpoint import check_keys, model_shapes, open_safetensors, parse_dtype, write_safetensors
+from model.checkpoint import SafetensorsReader, check_keys, model_shapes, parse_dtype, write_safetensors
 from model.config import Sa2VAConfig
 from model.intern_vit import InternViTConfig
 from model.llm import LLMConfig
@@ -338,7 +338,7 @@ def _official_shards(src: str) -> dict[str, str]:
     single = os.path.join(src, "model.safetensors")
     if not os.path.isfile(single):
         raise ValueError(f"{src} has neither model.safetensors nor model.safetensors.index.json")
-    return {k: single for k in open_safetensors(single).keys()}
+    return {k: single for k in SafetensorsReader(single).keys()}
 
 
 def convert(src: str, dst: str, dtype: torch.dtype | None = None, sam2=None) -> Sa2VAConfig:
@@ -357,7 +357,7 @@ def convert(src: str, dst: str, dtype: torch.dtype | None = None, sam2=None) -> 
         cfg.system_prompt = qwen_default_system_prompt(src)
     where = _official_shards(src)
     shards = sorted(set(where.values()))
-    handles = {p: open_safetensors(p) for p in shards}
+    handles = {p: SafetensorsReader(p) for p in shards}
     for p, h in handles.items():
         missing = {k for k, s in where.items() if s == p} - set(h.keys())
         if missing:
@@ -379,24 +379,26 @@ def convert(src: str, dst: str, dtype: torch.dtype | None = None, sam2=None) -> 
         for k in sorted(k for k, s in where.items() if s == p):
             transform, targets = kmap[k]
             plan.append((k, transform, targets))
-            sl = handles[p].get_slice(k)
-            src_dtype = _st_dtype(sl.get_dtype())
+            src_dtype, src_shape = handles[p].dtype(k), handles[p].shape(k)
             out_dtype = dtype if (dtype is not None and src_dtype.is_floating_point) else src_dtype
             for t in targets:
                 specs.append((t, out_dtype, ours[t]))
-            if transform is None and tuple(sl.get_shape()) != ours[targets[0]]:
-                raise ValueError(f"{k} has shape {tuple(sl.get_shape())} but config.json implies {ours[targets[0]]}")
+            if transform is None and src_shape != ours[targets[0]]:
+                raise ValueError(f"{k} has shape {src_shape} but config.json implies {ours[targets[0]]}")
 
     def tensors():
         for k, transform, targets in plan:
-            t = handles[where[k]].get_tensor(k)
+            t = handles[where[k]].read(k)
             outs = UNPACK[transform](t, cfg.llm) if transform else [t]
-            for name, o in zip(targets, outs):
+            del t
+            for name in targets:
+                o = outs.pop(0)
                 if tuple(o.shape) != ours[name]:
                     raise ValueError(f"{k} gives {name} of shape {tuple(o.shape)}, the config implies {ours[name]}")
                 if dtype is not None and o.is_floating_point():
                     o = o.to(dtype)
                 yield name, o
+                del o  # hold one tensor at a time (the writer drops its reference too)
 
     os.makedirs(dst, exist_ok=True)
     write_safetensors(os.path.join(dst, "model.safetensors"), specs, tensors())
@@ -412,21 +414,24 @@ def to_official(src: str, dst: str, like: str | None = None, dtype: torch.dtype 
     model came from), its config.json, tokenizer files and remote code are copied instead.
     """
     cfg = Sa2VAConfig.load(os.path.join(src, "config.json"))
-    f = open_safetensors(os.path.join(src, "model.safetensors"))
+    f = SafetensorsReader(os.path.join(src, "model.safetensors"))
     ours = model_shapes(cfg)
-    check_keys(ours, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f"{src}/model.safetensors")
+    check_keys(ours, {k: f.shape(k) for k in f.keys()}, f"{src}/model.safetensors")
     kmap = key_map(cfg)
     specs = []
     for off, shape in sorted(official_shapes(cfg, kmap).items()):
-        src_dtype = _st_dtype(f.get_slice(kmap[off][1][0]).get_dtype())
+        src_dtype = f.dtype(kmap[off][1][0])
         out_dtype = dtype if (dtype is not None and src_dtype.is_floating_point) else src_dtype
         specs.append((off, out_dtype, shape))
 
     def tensors():
         for off, out_dtype, _ in specs:
             transform, targets = kmap[off]
-            parts = [f.get_tensor(t) for t in targets]
-            yield off, (PACK[transform](*parts, cfg.llm) if transform else parts[0]).to(out_dtype)
+            parts = [f.read(t) for t in targets]
+            out = (PACK[transform](*parts, cfg.llm) if transform else parts[0]).to(out_dtype)
+            del parts
+            yield off, out
+            del out
 
     os.makedirs(dst, exist_ok=True)
     write_safetensors(os.path.join(dst, "model.safetensors"), specs, tensors())
@@ -457,14 +462,6 @@ def qwen_default_system_prompt(src: str) -> str:
                 break
     m = re.search(r"<\|im_start\|>system\n([^{}<]+)<\|im_end\|>", template)
     return m.group(1) if m else ""
-
-
-def _st_dtype(name: str) -> torch.dtype:
-    table = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
-             "I64": torch.int64, "I32": torch.int32, "U8": torch.uint8, "BOOL": torch.bool}
-    if name not in table:
-        raise ValueError(f"tensor dtype {name} is not supported")
-    return table[name]
 
 
 def main():

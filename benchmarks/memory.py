@@ -10,10 +10,10 @@ each step runs in a fresh Python process that reports its own VmHWM (peak RSS). 
 Linux carries the forking parent's high-water mark across exec, so a child of this (large)
 process would report at least the parent's peak. A thread in the child samples
 /proc/self/status to split the peak into anonymous memory (tensors we own) and file-backed
-pages (safetensors >= 0.4 returns zero-copy views of a whole-file mmap: the pages count in RSS
-once touched and stay while the file is open, though the kernel can drop them under pressure);
-it samples every few ms, so those two columns are approximate. Loading is lazy with such mmaps,
-so the load steps touch every tensor, as a first forward pass would.
+pages (the naive reference's safetensors >= 0.4 returns zero-copy views of a whole-file mmap:
+the pages count in RSS once touched and stay while the file is open; convert.py and load_model
+read with pread instead, so only the tensors they keep count); it samples every few ms, so those
+two columns are approximate. The load steps touch every tensor, as a first forward pass would.
 Needs ~3x the checkpoint size on disk (Sa2VA-1B: ~12 GB) and no network.
 """
 import argparse

@@ -10,7 +10,6 @@ import struct
 from collections.abc import Iterable
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from model.config import Sa2VAConfig
 from model.sa2va import Sa2VAModel
@@ -54,19 +53,65 @@ def write_safetensors(path: str, specs: list[tuple[str, torch.dtype, tuple[int, 
             if (name, t.dtype, tuple(t.shape)) != (exp_name, exp_dtype, tuple(exp_shape)):
                 raise RuntimeError(f"tensor {name} {t.dtype} {tuple(t.shape)} does not match its planned "
                                    f"{exp_name} {exp_dtype} {tuple(exp_shape)}")
-            f.write(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+            f.write(memoryview(t.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()))
+            del t  # free it before the producer makes the next one
         if next(order, None) is not None:
             raise RuntimeError(f"{path}: fewer tensors arrived than planned")
     os.replace(tmp, path)
 
 
-def open_safetensors(path: str):
-    try:
-        return safe_open(path, framework="pt")
-    except FileNotFoundError:
-        raise ValueError(f"checkpoint file {path} is missing") from None
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"checkpoint file {path} is corrupt or not safetensors ({e}); re-download or re-convert it") from None
+ST_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}
+
+
+class SafetensorsReader:
+    """Reads single tensors of a .safetensors file with pread into fresh memory.
+
+    Unlike a whole-file mmap (safe_open), pages already read are not kept mapped, so streaming
+    a large checkpoint tensor by tensor holds about one tensor at a time.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise ValueError(f"checkpoint file {path} is missing") from None
+        try:
+            size = os.fstat(self._fd).st_size
+            (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
+            header = json.loads(os.pread(self._fd, n, 8))
+            header.pop("__metadata__", None)
+            self._start = 8 + n
+            ends = [v["data_offsets"][1] for v in header.values()]
+            if self._start + max(ends, default=0) > size:
+                raise ValueError("truncated")
+            self._entries = {k: (ST_DTYPES[v["dtype"]], tuple(v["shape"]), *v["data_offsets"]) for k, v in header.items()}
+        except (struct.error, ValueError, KeyError, TypeError, UnicodeDecodeError, MemoryError, OverflowError) as e:
+            os.close(self._fd)
+            self._fd = None
+            raise ValueError(f"checkpoint file {path} is corrupt or not safetensors ({e}); re-download or re-convert it") from None
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def dtype(self, key: str) -> torch.dtype:
+        return self._entries[key][0]
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key][1]
+
+    def read(self, key: str) -> torch.Tensor:
+        dtype, shape, begin, end = self._entries[key]
+        buf = torch.empty(end - begin, dtype=torch.uint8)
+        got = os.preadv(self._fd, [buf.numpy()], self._start + begin) if end > begin else 0
+        if got != end - begin:
+            raise ValueError(f"checkpoint file {self.path} ended early while reading {key}; the file is truncated")
+        return buf.view(dtype).reshape(shape)
+
+    def __del__(self):
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 def check_keys(expected: dict[str, tuple], got: dict[str, tuple], what: str):
@@ -114,11 +159,11 @@ def load_model(path: str, device="cpu", dtype: torch.dtype | None = None) -> Sa2
     cfg = Sa2VAConfig.load(cfg_path)
     model = build_model(cfg)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    f = open_safetensors(os.path.join(path, "model.safetensors"))
-    check_keys(expected, {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}, f"{path}/model.safetensors")
+    f = SafetensorsReader(os.path.join(path, "model.safetensors"))
+    check_keys(expected, {k: f.shape(k) for k in f.keys()}, f"{path}/model.safetensors")
     sd = {}
-    for k in f.keys():
-        t = f.get_tensor(k)
+    for k in f.keys():  # read into fresh memory one tensor at a time; casts free the original at once
+        t = f.read(k)
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         sd[k] = t.to(device)

@@ -355,6 +355,10 @@ def convert(src: str, dst: str, dtype: torch.dtype | None = None, sam2=None) -> 
     cfg = config_from_official(hf, sam2)
     if cfg.family != "internvl":
         cfg.system_prompt = qwen_default_system_prompt(src)
+    tokenizer = load_official_tokenizer(src)  # before any output is written: fail early
+    if len(tokenizer) != cfg.llm.vocab_size:
+        raise ValueError(f"{src}: the tokenizer has {len(tokenizer)} tokens but the config says vocab_size="
+                         f"{cfg.llm.vocab_size}; the folder mixes files of different checkpoints")
     where = _official_shards(src)
     shards = sorted(set(where.values()))
     handles = {p: SafetensorsReader(p) for p in shards}
@@ -403,7 +407,7 @@ def convert(src: str, dst: str, dtype: torch.dtype | None = None, sam2=None) -> 
     os.makedirs(dst, exist_ok=True)
     write_safetensors(os.path.join(dst, "model.safetensors"), specs, tensors())
     cfg.save(os.path.join(dst, "config.json"))
-    load_official_tokenizer(src).save(dst)
+    tokenizer.save(dst)
     return cfg
 
 

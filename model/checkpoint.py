@@ -45,6 +45,16 @@ def write_safetensors(path: str, specs: list[tuple[str, torch.dtype, tuple[int, 
     blob += b" " * (-len(blob) % 8)  # the format pads the header to 8-byte alignment
     tmp = path + ".partial"
     order = iter(specs)
+    try:
+        _write(tmp, blob, order, tensors, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
+
+
+def _write(tmp, blob, order, tensors, path):
     with open(tmp, "wb") as f:
         f.write(struct.pack("<Q", len(blob)))
         f.write(blob)
@@ -57,7 +67,6 @@ def write_safetensors(path: str, specs: list[tuple[str, torch.dtype, tuple[int, 
             del t  # free it before the producer makes the next one
         if next(order, None) is not None:
             raise RuntimeError(f"{path}: fewer tensors arrived than planned")
-    os.replace(tmp, path)
 
 
 ST_DTYPES = {v: k for k, v in DTYPE_NAMES.items()}

@@ -152,6 +152,26 @@ def test_corrupt_shard(official, tmp_path):
     assert not (tmp_path / "ours" / "model.safetensors").exists()
 
 
+def test_failure_while_writing_leaves_no_partial_file(tmp_path):
+    from model.checkpoint import write_safetensors
+
+    def tensors():
+        yield "a", torch.zeros(2)
+        raise ValueError("source shard went away")
+
+    specs = [("a", torch.float32, (2,)), ("b", torch.float32, (3,))]
+    with pytest.raises(ValueError, match="went away"):
+        write_safetensors(str(tmp_path / "model.safetensors"), specs, tensors())
+    assert os.listdir(tmp_path) == []
+
+
+def test_tokenizer_must_match_the_embedding(official, tmp_path):
+    edit_config(official, lambda c: c["llm_config"].update(vocab_size=c["llm_config"]["vocab_size"] + 1))
+    with pytest.raises(ValueError, match="the tokenizer has 273 tokens but the config says vocab_size=274"):
+        run(official, tmp_path)
+    assert not (tmp_path / "ours").exists()
+
+
 def test_unknown_llm_architecture(official, tmp_path):
     edit_config(official, lambda c: c["llm_config"].update(architectures=["MistralForCausalLM"]))
     with pytest.raises(ValueError, match="unknown LLM architecture 'MistralForCausalLM'"):

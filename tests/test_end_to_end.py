@@ -202,3 +202,25 @@ def test_predict_batch_equals_one_by_one(model):
         assert got.text == model.predict(image=img, text=text, max_new_tokens=5).text
     with pytest.raises(ValueError, match="predict_batch got 2 images, 3 texts"):
         model.predict_batch(images[:2], texts[:3])
+
+
+def test_internlm2_checkpoint_with_only_a_sentencepiece_tokenizer(tmp_path):
+    """Sa2VA-8B/26B ship tokenizer.model alone: convert turns it into tokenizer.json and predict runs."""
+    from debug_checkpoint import write_official_checkpoint
+    from model.config import debug_config
+    from model.tokenizer import load_official_tokenizer
+    from tests.test_tokenizer import SP_VARIANTS, _train_sentencepiece, _write_internlm2_folder
+    tok_dir = _write_internlm2_folder(tmp_path / "tok", _train_sentencepiece(tmp_path / "sp", *SP_VARIANTS["sp_defaults"]))
+    cfg = debug_config("internvl", "internlm2", vocab_size=len(load_official_tokenizer(str(tok_dir))))
+    official = tmp_path / "official"
+    write_official_checkpoint(str(official), cfg)
+    for name in ("tokenizer.json", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json"):
+        os.remove(official / name)
+    for name in os.listdir(tok_dir):
+        (official / name).write_bytes((tok_dir / name).read_bytes())
+    convert.convert(str(official), str(tmp_path / "ours"), sam2=SAM2Config.debug())
+    model = sa2va.Sa2VA.from_pretrained(str(tmp_path / "ours"))
+    assert model.tok.bos_id == 1 and model.tok.token_to_id("<|im_end|>") in model.eos_ids
+    out = model.predict(image=frames(1)[0], text="<image>\nPlease segment the dog.", answer="Sure, [SEG].")
+    # transformers 4.x slow decoding joins added tokens with spaces; the official output reads so too.
+    assert out.masks[0].shape == (1, H, W) and out.text == "Sure, [SEG] ."

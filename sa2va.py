@@ -67,7 +67,7 @@ def default_device() -> torch.device:
 def gcg_phrases(text: str, n_masks: int) -> list[str]:
     """The phrase of each [SEG]: the text of a `<p>...</p>` right before it, else ''."""
     phrases = [m.group(1).strip() if m.group(1) is not None else ""
-               for m in re.finditer(r"(?:<p>(.*?)</p>\s*)?\[SEG\]", text, flags=re.S)]
+               for m in re.finditer(r"(?:<p>((?:(?!</?p>).)*)</p>\s*)?\[SEG\]", text, flags=re.S)]
     return phrases[:n_masks]
 
 

@@ -224,3 +224,9 @@ def test_internlm2_checkpoint_with_only_a_sentencepiece_tokenizer(tmp_path):
     out = model.predict(image=frames(1)[0], text="<image>\nPlease segment the dog.", answer="Sure, [SEG].")
     # transformers 4.x slow decoding joins added tokens with spaces; the official output reads so too.
     assert out.masks[0].shape == (1, H, W) and out.text == "Sure, [SEG] ."
+
+
+def test_gcg_phrases():
+    text = "<p> A man </p> [SEG] rides <p>a horse</p>[SEG] near <p>trees</p> and [SEG]."
+    assert sa2va.gcg_phrases(text, 3) == ["A man", "a horse", ""]
+    assert sa2va.gcg_phrases(text, 2) == ["A man", "a horse"]  # a trailing [SEG] that got no mask

@@ -11,6 +11,8 @@ import torch
 
 from model.llm import LLM
 
+STOP_WINDOW = 16  # tokens decoded to look for a stop word at the end of the answer
+
 
 @dataclass
 class GenerationConfig:
@@ -76,7 +78,8 @@ def generate(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, key_mask: 
                     continue
                 t = int(nxt[b])
                 tokens[b].append(t)
-                if t in eos_ids or (cfg.stop_words and _ends_with_stop(decode(tokens[b]), cfg.stop_words)):
+                # Decoding only the tail keeps the check O(1) per step; stop words span a few tokens.
+                if t in eos_ids or (cfg.stop_words and _ends_with_stop(decode(tokens[b][-STOP_WINDOW:]), cfg.stop_words)):
                     done[b] = True
             if bool(done.all()) or step == cfg.max_new_tokens - 1:
                 break

@@ -93,8 +93,8 @@ class Sa2VA:
         """Load a folder written by convert.py. Defaults: CUDA, else MPS, else CPU; bf16 on GPU, fp32 on CPU."""
         device = torch.device(device) if device is not None else default_device()
         dtype = parse_dtype(dtype) or (torch.float32 if device.type == "cpu" else torch.bfloat16)
-        model = load_model(path, device=device, dtype=dtype)
-        return cls(model, Tokenizer.load(path))
+        tokenizer = Tokenizer.load(path)  # small and quick: fail before the weights are read
+        return cls(load_model(path, device=device, dtype=dtype), tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -458,7 +458,7 @@ def main(argv=None):
     if args.self_check:
         return self_check(args.out)
     if not args.model or not args.prompt:
-        ap.error("--model and --prompt are required")
+        ap.error("--model and --prompt are required (or --self-check to run on a tiny random model)")
     try:
         model = Sa2VA.from_pretrained(args.model, device=args.device, dtype=args.dtype)
         prompt = args.prompt

@@ -90,6 +90,9 @@ class Tokenizer:
 
     @classmethod
     def load(cls, directory: str) -> "Tokenizer":
+        for name in ("tokenizer.json", "tokenizer_meta.json"):
+            if not os.path.isfile(os.path.join(directory, name)):
+                raise ValueError(f"{directory} has no {name}; re-run convert.py to write the tokenizer")
         with open(os.path.join(directory, "tokenizer_meta.json"), encoding="utf-8") as f:
             meta = json.load(f)
         return cls(_Backend.from_file(os.path.join(directory, "tokenizer.json")), meta)
@@ -201,7 +204,7 @@ def load_official_tokenizer(src: str) -> Tokenizer:
     if os.path.isfile(os.path.join(src, "tokenizer.model")):
         return _load_internlm2(src)
     if not os.path.isfile(os.path.join(src, "tokenizer.json")):
-        raise FileNotFoundError(f"{src} has neither tokenizer.json (Qwen) nor tokenizer.model (InternLM2); "
+        raise ValueError(f"{src} has neither tokenizer.json (Qwen) nor tokenizer.model (InternLM2); "
                                 "pass the checkpoint folder")
     cfg, added, named, additional = _hf_added_and_special(src)
     backend = _Backend.from_file(os.path.join(src, "tokenizer.json"))

@@ -225,3 +225,14 @@ def test_loading_is_strict(official, tmp_path):
     cfg_path.write_text(json.dumps(cfg))
     with pytest.raises(ValueError, match=r"unexpected \d+: llm.layers.1"):
         load_model(str(tmp_path / "ours"))
+
+
+def test_missing_tokenizer_files(official, tmp_path):
+    import sa2va
+    run(official, tmp_path)
+    os.remove(tmp_path / "ours" / "tokenizer.json")
+    with pytest.raises(ValueError, match="has no tokenizer.json; re-run convert.py"):
+        sa2va.Sa2VA.from_pretrained(str(tmp_path / "ours"))
+    os.remove(official / "tokenizer.json")
+    with pytest.raises(ValueError, match="has neither tokenizer.json"):
+        convert.convert(str(official), str(tmp_path / "again"), sam2=SAM2Config.debug())

@@ -59,7 +59,11 @@ class Sa2VAConfig:
     @classmethod
     def load(cls, path: str) -> "Sa2VAConfig":
         with open(path) as f:
-            return cls.from_dict(json.load(f))
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path} is not valid JSON ({e}); re-run convert.py") from None
+        return cls.from_dict(d)
 
 
 def _vision_config_class(family):

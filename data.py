@@ -3,7 +3,11 @@
 Reproduces the official inference preprocessing (inference.md §2-4, §9):
   * InternVL dynamic tiling (1-12 tiles of 448 px + a thumbnail, the reference tie-break),
     PIL bicubic resizes, ImageNet normalisation;
-  * the chat templates named by `config.template` and the `<img><IMG_CONTEXT>*N</img>` string.
+  * the chat templates named by `config.template` and the `<img><IMG_CONTEXT>*N</img>` string;
+  * the Qwen-VL user turn (`<|vision_start|><|image_pad|>*N<|vision_end|>` per image, then the
+    text) and the image-processor settings per family (the processor itself: qwen_processing.py);
+  * videos from files (decoded on demand with av), frame folders or frame lists, and the choice
+    of key frames (the official first five, or evenly spaced ones).
 """
 import os
 from dataclasses import dataclass

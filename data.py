@@ -232,11 +232,11 @@ def key_frame_indices(num_frames: int, k: int, mode: str) -> list[int]:
     """Frames the MLLM sees and SAM-2 conditions on.
 
     'first': frames 0..k-1, the official Sa2VA behaviour. 'uniform': k evenly spaced frames
-    over the whole clip (the Sa2VA-i finding, same weights, better on long videos).
+    over the whole clip, as Sa2VA-i picks them (np.linspace(0, T-1, k) truncated to int; its
+    repeats on clips shorter than k collapse), same weights, better on long videos.
     """
-    k = min(k, num_frames)
     if mode == "first":
-        return list(range(k))
+        return list(range(min(k, num_frames)))
     if mode == "uniform":
-        return sorted({round(i * (num_frames - 1) / max(k - 1, 1)) for i in range(k)})
+        return sorted(set(np.linspace(0, num_frames - 1, k).astype(int).tolist()))
     raise ValueError(f"unknown key-frame mode {mode!r}; use 'first' or 'uniform'")

@@ -52,7 +52,7 @@ def test_video_masks_several_objects(model):
     assert [m.shape for m in out.masks] == [(8, H, W)] * 2
     assert out.phrases == ["left", "right"]
     uniform = model.predict(video=frames(8), text="<image>\nPlease segment both.", answer="Sure, [SEG].", key_frames="uniform")
-    assert uniform.history.key_frames == [0, 2, 4, 5, 7] and uniform.masks[0].shape == (8, H, W)
+    assert uniform.history.key_frames == [0, 1, 3, 5, 7] and uniform.masks[0].shape == (8, H, W)
 
 
 def test_answer_without_seg_gives_no_masks(model):
@@ -171,7 +171,8 @@ def test_cli_error_leaves_no_output(checkpoint, tmp_path):
 def test_key_frame_indices():
     assert data.key_frame_indices(3, 5, "first") == [0, 1, 2]
     assert data.key_frame_indices(100, 5, "first") == [0, 1, 2, 3, 4]
-    assert data.key_frame_indices(100, 5, "uniform") == [0, 25, 50, 74, 99]
+    assert data.key_frame_indices(100, 5, "uniform") == [0, 24, 49, 74, 99]  # Sa2VA-i's linspace, truncated
+    assert data.key_frame_indices(3, 5, "uniform") == [0, 1, 2]
     with pytest.raises(ValueError, match="unknown key-frame mode"):
         data.key_frame_indices(10, 5, "random")
 

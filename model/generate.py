@@ -68,20 +68,19 @@ def generate(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, key_mask: 
         next_pos = positions.amax(dim=(0, -1) if positions.dim() == 3 else -1) + 1  # (B,)
         tokens = [[] for _ in range(B)]
         hidden = [[] for _ in range(B)]
-        done = torch.zeros(B, dtype=torch.bool, device=embeds.device)
+        done = [False] * B
         logits = llm.logits(h_post[:, -1])
         mask = key_mask
         for step in range(cfg.max_new_tokens):
             nxt = _sample(logits, cfg, gen)
-            for b in range(B):
+            for b, t in enumerate(nxt.tolist()):  # one device sync per step
                 if done[b]:
                     continue
-                t = int(nxt[b])
                 tokens[b].append(t)
                 # Decoding only the tail keeps the check O(1) per step; stop words span a few tokens.
                 if t in eos_ids or (cfg.stop_words and _ends_with_stop(decode(tokens[b][-STOP_WINDOW:]), cfg.stop_words)):
                     done[b] = True
-            if bool(done.all()) or step == cfg.max_new_tokens - 1:
+            if all(done) or step == cfg.max_new_tokens - 1:
                 break
             x = llm.embed_tokens(nxt)[:, None]  # (B, 1, D)
             pos = next_pos[:, None] + step  # (B, 1)

@@ -150,16 +150,6 @@ def model_shapes(cfg: Sa2VAConfig) -> dict[str, tuple]:
     return {k: tuple(v.shape) for k, v in build_model(cfg).state_dict().items()}
 
 
-def save_model(model: Sa2VAModel, out_dir: str, tokenizer=None):
-    os.makedirs(out_dir, exist_ok=True)
-    sd = model.state_dict()
-    write_safetensors(os.path.join(out_dir, "model.safetensors"),
-                      [(k, v.dtype, tuple(v.shape)) for k, v in sd.items()], sd.items())
-    model.cfg.save(os.path.join(out_dir, "config.json"))
-    if tokenizer is not None:
-        tokenizer.save(out_dir)
-
-
 def load_model(path: str, device="cpu", dtype: torch.dtype | None = None) -> Sa2VAModel:
     """Build on meta, read every tensor (cast to dtype if given) and assign strictly."""
     cfg_path = os.path.join(path, "config.json")

@@ -271,9 +271,12 @@ def expand(table: dict, n_layers: dict[str, int], ours) -> dict[str, tuple[str |
     return out
 
 
-def key_map(cfg: Sa2VAConfig) -> dict[str, tuple[str | None, tuple[str, ...]]]:
-    """official key -> (transform or None, our keys) for a whole Sa2VA model of this config."""
-    ours = model_shapes(cfg)
+def key_map(cfg: Sa2VAConfig, ours: dict[str, tuple] | None = None) -> dict[str, tuple[str | None, tuple[str, ...]]]:
+    """official key -> (transform or None, our keys) for a whole Sa2VA model of this config.
+
+    ours: the model's key -> shape (model_shapes(cfg)), when the caller has it already.
+    """
+    ours = ours or model_shapes(cfg)
     if cfg.family != "internvl":
         table = {"model.model.language_model." + k: v for k, v in QWEN_LLM.items()}
         table["model.lm_head.weight"] = "llm.lm_head.weight"
@@ -314,7 +317,7 @@ def official_shapes(cfg: Sa2VAConfig, kmap: dict | None = None) -> dict[str, tup
     """Shape of every official tensor for this config (meta tensors: no memory, no download)."""
     ours = model_shapes(cfg)
     out = {}
-    for off, (transform, targets) in (kmap or key_map(cfg)).items():
+    for off, (transform, targets) in (kmap or key_map(cfg, ours)).items():
         shape = ours[targets[0]]
         out[off] = (sum(ours[t][0] for t in targets), *shape[1:]) if transform else shape
     return out
@@ -373,10 +376,10 @@ def convert(src: str, dst: str, dtype: torch.dtype | None = None, sam2=None) -> 
         cfg.llm.tie_embeddings = False
     elif not cfg.llm.tie_embeddings:
         raise ValueError(f"{src}: {head} is missing and llm_config.tie_word_embeddings is false; the checkpoint is incomplete")
-    kmap = key_map(cfg)
+    ours = model_shapes(cfg)
+    kmap = key_map(cfg, ours)
     check_keys({k: () for k in kmap}, {k: () for k in where}, f"{src}: official keys")
 
-    ours = model_shapes(cfg)
     plan = []  # (official key, transform, our keys), in shard order
     specs = []
     for p in shards:
@@ -421,7 +424,7 @@ def to_official(src: str, dst: str, like: str | None = None, dtype: torch.dtype 
     f = SafetensorsReader(os.path.join(src, "model.safetensors"))
     ours = model_shapes(cfg)
     check_keys(ours, {k: f.shape(k) for k in f.keys()}, f"{src}/model.safetensors")
-    kmap = key_map(cfg)
+    kmap = key_map(cfg, ours)
     specs = []
     for off, shape in sorted(official_shapes(cfg, kmap).items()):
         src_dtype = f.dtype(kmap[off][1][0])

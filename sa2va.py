@@ -10,11 +10,13 @@ Python:
     out.text, out.masks[0].shape   # answer, (1, H, W) bool per [SEG]
 
 Reproduces the official `predict_forward` (inference.md) of both the InternVL and the Qwen-VL
-families: prompts, tiling / Qwen image processing, greedy generation, `[SEG]` hidden states -> text_hidden_fcs -> SAM-2, video propagation.
+families: prompts, tiling / Qwen image processing, greedy generation, `[SEG]` hidden states ->
+text_hidden_fcs -> SAM-2, video propagation.
 Additions: teacher-forced answers (`answer=`), evenly spaced key frames for video, all objects
 of a video tracked in one batched SAM-2 pass, conversation state kept for follow-up turns.
 """
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -193,7 +195,8 @@ class Sa2VA:
 
     def _run_llm(self, prompts: list[str], convs: list[Conversation], answers: list[str] | None,
                  gen: GenerationConfig) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
-        """One left-padded LLM batch. Per row: (answer tokens, [SEG] rows of them, their hidden states)."""
+        """One left-padded LLM batch. Per row: (answer tokens, the tokens that were fed back, their
+        hidden states); generation never feeds back its last token, teacher forcing feeds all."""
         rows = [self.tok.encode(p, add_bos=not self.qwen) for p in prompts]
         context = self.cfg.llm.context_length
         for r in rows:
@@ -207,13 +210,15 @@ class Sa2VA:
                 raise ValueError("an answer is empty; give the text to segment, e.g. 'Sure, [SEG].'")
             rows = [r + e for r, e in zip(rows, extra)]
         B, L = len(rows), max(len(r) for r in rows)
+        if context is not None and answers is None:
+            gen = dataclasses.replace(gen, max_new_tokens=min(gen.max_new_tokens, context - L))
         ids = torch.zeros(B, L, dtype=torch.long, device=self.device)
         key_mask = torch.zeros(B, L, dtype=torch.bool, device=self.device)
         for b, r in enumerate(rows):  # left padding: every row ends at the last column
             ids[b, L - len(r):] = torch.tensor(r, device=self.device)
             key_mask[b, L - len(r):] = True
         visual = [c.visual for c in convs if c.visual is not None]
-        embeds = self.model.embed(ids.masked_fill(~key_mask, 0), torch.cat(visual) if visual else None, self.visual_id)
+        embeds = self.model.embed(ids, torch.cat(visual) if visual else None, self.visual_id)
         visual_mask = (ids == self.visual_id) & key_mask
         depth = max(len(c.deepstack) for c in convs)
         deepstack = [torch.cat([c.deepstack[k] for c in convs if c.deepstack]) for k in range(depth)] or None
@@ -319,7 +324,6 @@ class Sa2VA:
 
     def _segment(self, conv: Conversation, prompts: torch.Tensor, progress: bool) -> list[np.ndarray]:
         bridge = self.model.grounding
-        prompts = prompts.to(self.dtype)
         if conv.image is not None:
             W, H = conv.image.size
             feats = bridge.image_features(bridge.preprocess([conv.image]))
@@ -363,6 +367,12 @@ def overlay(frame: np.ndarray, masks: list[np.ndarray]) -> np.ndarray:
     return out.astype(np.uint8)
 
 
+def check_out_dir(out_dir: str):
+    """An output folder must be new or empty: we never delete what is already there."""
+    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
+        raise ValueError(f"--out {out_dir} already exists and is not an empty folder; choose a new folder")
+
+
 def write_outputs(out_dir: str, pred: Prediction, image=None, video: data.Video | None = None):
     """Masks as PNGs, an overlay and result.json, written to a temporary folder then moved into place."""
     from PIL import Image
@@ -383,8 +393,9 @@ def write_outputs(out_dir: str, pred: Prediction, image=None, video: data.Video 
             _write_overlay_video(os.path.join(tmp, "overlay.mp4"), video, pred.masks)
         with open(os.path.join(tmp, "result.json"), "w") as f:
             json.dump(result, f)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
+        check_out_dir(out_dir)
+        if os.path.isdir(out_dir):
+            os.rmdir(out_dir)  # empty, checked above
         os.replace(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -460,6 +471,8 @@ def main(argv=None):
     if not args.model or not args.prompt:
         ap.error("--model and --prompt are required (or --self-check to run on a tiny random model)")
     try:
+        if args.out:
+            check_out_dir(args.out)  # before the model runs, not after
         model = Sa2VA.from_pretrained(args.model, device=args.device, dtype=args.dtype)
         prompt = args.prompt
         if (args.image or args.video) and "<image>" not in prompt:

@@ -231,3 +231,12 @@ def test_gcg_phrases():
     text = "<p> A man </p> [SEG] rides <p>a horse</p>[SEG] near <p>trees</p> and [SEG]."
     assert sa2va.gcg_phrases(text, 3) == ["A man", "a horse", ""]
     assert sa2va.gcg_phrases(text, 2) == ["A man", "a horse"]  # a trailing [SEG] that got no mask
+
+
+def test_cli_never_overwrites_a_folder_with_content(checkpoint, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    with pytest.raises(SystemExit, match="already exists and is not an empty folder"):
+        sa2va.main(["--model", checkpoint, "--video", str(tmp_path), "--prompt", "hi", "--out", str(out)])
+    assert (out / "notes.txt").read_text() == "keep me"

@@ -5,11 +5,13 @@
 
 The mapping is literal tables with a `{}` layer placeholder, plus named transforms:
   * unpack_wqkv / pack_wqkv: InternLM2 stores q, k and v in one `wqkv` matrix, grouped per KV
-    head (architecture.md §2.3); we keep three projections.
+    head as [its queries, key, value] (modeling_internlm2.py: `InternLM2Attention.forward`'s
+    rearrange); we keep three projections.
   * SAM-2's ConvNeXt LayerScale is `gamma` in Meta's code and `g_weight` in the HF files.
 Every official key must be mapped and every model key produced; anything else is an error
 naming the keys. Tensors stream one at a time, so peak memory stays near the largest tensor
-of the largest shard rather than the model.
+of the largest shard rather than the model. `load_official` streams the same way straight into
+a model (what `Sa2VA.from_pretrained` does with an official folder).
 """
 import argparse
 import dataclasses
@@ -17,44 +19,47 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 
 import torch
 
-from model.checkpoint import SafetensorsReader, check_keys, model_shapes, parse_dtype, write_safetensors
-from model.config import Sa2VAConfig
-from model.intern_vit import InternViTConfig
-from model.llm import LLMConfig
+import data
+from model.checkpoint import SafetensorsReader, check_keys, load_tensors, model_shapes, parse_dtype, write_safetensors
+from model.config import (SAM2_HIERA_L, InternViTConfig, LLMConfig, Qwen25VisionConfig, Qwen3VisionConfig, SAM2Config,
+                          Sa2VAConfig)
+from model.sa2va import Sa2VAModel
+from model.tokenizer import Tokenizer, load_official_tokenizer
 
 SAM2_OFFICIAL, SAM2_OURS = "grounding_encoder.sam2_model.", "grounding.sam2."
 QWEN_VISUAL = "model.model.visual."
 
 INTERNVIT = {
-    "vision_model.embeddings.class_embedding": "vision.cls_token",
-    "vision_model.embeddings.position_embedding": "vision.pos_embed",
-    "vision_model.embeddings.patch_embedding.weight": "vision.patch_embed.weight",
-    "vision_model.embeddings.patch_embedding.bias": "vision.patch_embed.bias",
-    "vision_model.encoder.layers.{}.ls1": "vision.blocks.{}.ls1",
-    "vision_model.encoder.layers.{}.ls2": "vision.blocks.{}.ls2",
-    "vision_model.encoder.layers.{}.attn.qkv.weight": "vision.blocks.{}.attn.qkv.weight",
-    "vision_model.encoder.layers.{}.attn.qkv.bias": "vision.blocks.{}.attn.qkv.bias",
-    "vision_model.encoder.layers.{}.attn.q_norm.weight": "vision.blocks.{}.attn.q_norm.weight",
-    "vision_model.encoder.layers.{}.attn.k_norm.weight": "vision.blocks.{}.attn.k_norm.weight",
-    "vision_model.encoder.layers.{}.attn.proj.weight": "vision.blocks.{}.attn.proj.weight",
-    "vision_model.encoder.layers.{}.attn.proj.bias": "vision.blocks.{}.attn.proj.bias",
-    "vision_model.encoder.layers.{}.mlp.fc1.weight": "vision.blocks.{}.fc1.weight",
-    "vision_model.encoder.layers.{}.mlp.fc1.bias": "vision.blocks.{}.fc1.bias",
-    "vision_model.encoder.layers.{}.mlp.fc2.weight": "vision.blocks.{}.fc2.weight",
-    "vision_model.encoder.layers.{}.mlp.fc2.bias": "vision.blocks.{}.fc2.bias",
-    "vision_model.encoder.layers.{}.norm1.weight": "vision.blocks.{}.norm1.weight",
-    "vision_model.encoder.layers.{}.norm1.bias": "vision.blocks.{}.norm1.bias",
-    "vision_model.encoder.layers.{}.norm2.weight": "vision.blocks.{}.norm2.weight",
-    "vision_model.encoder.layers.{}.norm2.bias": "vision.blocks.{}.norm2.bias",
-    "mlp1.0.weight": "projector.norm.weight",
-    "mlp1.0.bias": "projector.norm.bias",
-    "mlp1.1.weight": "projector.fc1.weight",
-    "mlp1.1.bias": "projector.fc1.bias",
-    "mlp1.3.weight": "projector.fc2.weight",
-    "mlp1.3.bias": "projector.fc2.bias",
+    "vision_model.embeddings.class_embedding": "vision.vit.cls_token",
+    "vision_model.embeddings.position_embedding": "vision.vit.pos_embed",
+    "vision_model.embeddings.patch_embedding.weight": "vision.vit.patch_embed.weight",
+    "vision_model.embeddings.patch_embedding.bias": "vision.vit.patch_embed.bias",
+    "vision_model.encoder.layers.{}.ls1": "vision.vit.blocks.{}.ls1",
+    "vision_model.encoder.layers.{}.ls2": "vision.vit.blocks.{}.ls2",
+    "vision_model.encoder.layers.{}.attn.qkv.weight": "vision.vit.blocks.{}.attn.qkv.weight",
+    "vision_model.encoder.layers.{}.attn.qkv.bias": "vision.vit.blocks.{}.attn.qkv.bias",
+    "vision_model.encoder.layers.{}.attn.q_norm.weight": "vision.vit.blocks.{}.attn.q_norm.weight",
+    "vision_model.encoder.layers.{}.attn.k_norm.weight": "vision.vit.blocks.{}.attn.k_norm.weight",
+    "vision_model.encoder.layers.{}.attn.proj.weight": "vision.vit.blocks.{}.attn.proj.weight",
+    "vision_model.encoder.layers.{}.attn.proj.bias": "vision.vit.blocks.{}.attn.proj.bias",
+    "vision_model.encoder.layers.{}.mlp.fc1.weight": "vision.vit.blocks.{}.fc1.weight",
+    "vision_model.encoder.layers.{}.mlp.fc1.bias": "vision.vit.blocks.{}.fc1.bias",
+    "vision_model.encoder.layers.{}.mlp.fc2.weight": "vision.vit.blocks.{}.fc2.weight",
+    "vision_model.encoder.layers.{}.mlp.fc2.bias": "vision.vit.blocks.{}.fc2.bias",
+    "vision_model.encoder.layers.{}.norm1.weight": "vision.vit.blocks.{}.norm1.weight",
+    "vision_model.encoder.layers.{}.norm1.bias": "vision.vit.blocks.{}.norm1.bias",
+    "vision_model.encoder.layers.{}.norm2.weight": "vision.vit.blocks.{}.norm2.weight",
+    "vision_model.encoder.layers.{}.norm2.bias": "vision.vit.blocks.{}.norm2.bias",
+    "mlp1.0.weight": "vision.projector.norm.weight",
+    "mlp1.0.bias": "vision.projector.norm.bias",
+    "mlp1.1.weight": "vision.projector.fc1.weight",
+    "mlp1.1.bias": "vision.projector.fc1.bias",
+    "mlp1.3.weight": "vision.projector.fc2.weight",
+    "mlp1.3.bias": "vision.projector.fc2.bias",
 }
 
 # Qwen2/Qwen2.5/Qwen3 decoders, relative to the LLM prefix.
@@ -120,22 +125,30 @@ PACK = {"unpack_wqkv": pack_wqkv}
 
 # ----------------------------------------------------------------------------- configs
 
-def config_from_official(hf: dict, sam2=None) -> Sa2VAConfig:
-    """Our config from an official Sa2VA config.json (InternVL family).
+LLM_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "InternLM2ForCausalLM": "internlm2"}
 
-    The official config does not describe SAM-2 (the release hard-codes Hiera-L); `sam2`
-    overrides it for tiny test checkpoints.
+
+def config_from_official(hf: dict, *, image_token_id: int, seg_token_id: int, system_prompt: str = "",
+                         pixel_stats: tuple | None = None) -> Sa2VAConfig:
+    """Our config from an official Sa2VA config.json and the ids of its tokenizer.
+
+    The release hard-codes SAM-2 Hiera-L and its config.json does not describe it; a
+    `sam2_config` entry (written by our --to-official and test checkpoints for other sizes)
+    overrides it. pixel_stats: (mean, std) of a Qwen-VL preprocessor_config.json.
     """
+    if not isinstance(hf, dict):
+        raise ValueError("config.json is not a JSON object; give the config of an official Sa2VA checkpoint")
+    sam2 = SAM2Config(**hf["sam2_config"]) if hf.get("sam2_config") else SAM2_HIERA_L
+    ids = dict(image_token_id=image_token_id, seg_token_id=seg_token_id)
     if "llm_config" in hf and "vision_config" in hf:
-        return _internvl_config(hf, sam2)
+        return _internvl_config(hf, sam2, ids)
     if "text_config" in hf and "vision_config" in hf:
-        return _qwen_vl_config(hf, sam2)
+        return _qwen_vl_config(hf, sam2, ids, system_prompt, pixel_stats)
     raise ValueError(f"config.json names an unknown architecture {hf.get('architectures')}; expected a Sa2VA config "
                      "with llm_config (InternVL family) or text_config (Qwen-VL family)")
 
 
-def _internvl_config(hf: dict, sam2) -> Sa2VAConfig:
-    from model.sam2_bridge import SAM2Config
+def _internvl_config(hf: dict, sam2: SAM2Config, ids: dict) -> Sa2VAConfig:
     v, lm = hf["vision_config"], hf["llm_config"]
     if hf.get("ps_version", "v2") != "v2":
         raise ValueError(f"ps_version {hf['ps_version']!r} is not supported; Sa2VA checkpoints use 'v2'")
@@ -145,15 +158,18 @@ def _internvl_config(hf: dict, sam2) -> Sa2VAConfig:
                              qkv_bias=v.get("qkv_bias", True), qk_norm=v.get("qk_normalization", False),
                              norm_type=v.get("norm_type", "layer_norm"), norm_eps=v.get("layer_norm_eps", 1e-6),
                              downsample_ratio=hf.get("downsample_ratio", 0.5))
-    arch = (lm.get("architectures") or ["?"])[0]
+    name = (lm.get("architectures") or ["?"])[0]
+    if name not in LLM_ARCHITECTURES:
+        raise ValueError(f"unknown LLM architecture {name!r} in llm_config; supported: {', '.join(LLM_ARCHITECTURES)}")
+    arch = LLM_ARCHITECTURES[name]
     common = dict(vocab_size=lm["vocab_size"], dim=lm["hidden_size"], n_layers=lm["num_hidden_layers"],
                   n_heads=lm["num_attention_heads"], n_kv_heads=lm.get("num_key_value_heads", lm["num_attention_heads"]),
                   intermediate_size=lm["intermediate_size"], norm_eps=lm.get("rms_norm_eps", 1e-6),
                   rope_theta=lm.get("rope_theta", 10000.0), max_position_embeddings=lm.get("max_position_embeddings", 32768),
-                  tie_embeddings=bool(lm.get("tie_word_embeddings", False)))
-    if arch == "Qwen2ForCausalLM":
+                  tie_embeddings=bool(lm.get("tie_word_embeddings", False)), arch=arch)
+    if arch == "qwen2":
         llm = LLMConfig(**common, qkv_bias=True)
-    elif arch == "InternLM2ForCausalLM":
+    else:
         scaling = lm.get("rope_scaling") or {}
         kind = scaling.get("type", scaling.get("rope_type"))
         if kind not in (None, "dynamic"):
@@ -161,10 +177,7 @@ def _internvl_config(hf: dict, sam2) -> Sa2VAConfig:
         if lm.get("bias", False):
             raise ValueError("InternLM2 with bias=true is not supported; no Sa2VA checkpoint uses it")
         llm = LLMConfig(**common, rope_dynamic_factor=float(scaling.get("factor", 0.0)) if kind else 0.0)
-    else:
-        raise ValueError(f"unknown LLM architecture {arch!r} in llm_config; supported: Qwen2ForCausalLM, InternLM2ForCausalLM")
-    return Sa2VAConfig("internvl", vision, llm, hf.get("template", "qwen_chat"),
-                       sam2 or SAM2Config.hiera_large())
+    return Sa2VAConfig("internvl", vision, llm, sam2, hf.get("template", "qwen_chat"), **ids)
 
 
 def _qwen_vl_family(hf: dict) -> str:
@@ -177,16 +190,15 @@ def _qwen_vl_family(hf: dict) -> str:
     raise ValueError(f"unknown vision architecture {kind!r} in vision_config; supported: qwen2_5_vl, qwen3_vl")
 
 
-def _qwen_vl_config(hf: dict, sam2) -> Sa2VAConfig:
-    from model.qwen2_5_vit import Qwen25VisionConfig
-    from model.qwen3_vit import Qwen3VisionConfig
-    from model.sam2_bridge import SAM2Config
+def _qwen_vl_config(hf: dict, sam2: SAM2Config, ids: dict, system_prompt: str, pixel_stats) -> Sa2VAConfig:
     family = _qwen_vl_family(hf)
     v, t = hf["vision_config"], hf["text_config"]
     common = dict(depth=v["depth"], hidden_size=v["hidden_size"], num_heads=v["num_heads"],
                   intermediate_size=v["intermediate_size"], out_hidden_size=v["out_hidden_size"],
                   patch_size=v["patch_size"], temporal_patch_size=v.get("temporal_patch_size", 2),
                   spatial_merge_size=v.get("spatial_merge_size", 2))
+    if pixel_stats is not None:
+        common.update(pixel_mean=tuple(pixel_stats[0]), pixel_std=tuple(pixel_stats[1]))
     if family == "qwen2_5_vl":
         vision = Qwen25VisionConfig(**common, window_size=v.get("window_size", 112),
                                     fullatt_block_indexes=tuple(v["fullatt_block_indexes"]))
@@ -197,27 +209,36 @@ def _qwen_vl_config(hf: dict, sam2) -> Sa2VAConfig:
     if "mrope_section" not in rope:
         raise ValueError("text_config.rope_scaling has no mrope_section; is this a Qwen-VL checkpoint?")
     head_dim = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
+    qwen3 = family == "qwen3_vl"
     llm = LLMConfig(vocab_size=t["vocab_size"], dim=t["hidden_size"], n_layers=t["num_hidden_layers"],
                     n_heads=t["num_attention_heads"], n_kv_heads=t["num_key_value_heads"],
                     intermediate_size=t["intermediate_size"], head_dim=head_dim, norm_eps=t.get("rms_norm_eps", 1e-6),
                     rope_theta=t.get("rope_theta", rope.get("rope_theta", 1e6)),
                     max_position_embeddings=t.get("max_position_embeddings", 128000),
                     mrope_section=tuple(rope["mrope_section"]),
-                    mrope_interleaved=bool(rope.get("mrope_interleaved", family == "qwen3_vl")),
-                    qkv_bias=family == "qwen2_5_vl", qk_norm=family == "qwen3_vl", tie_embeddings=False)
-    return Sa2VAConfig(family, vision, llm, hf.get("template", "qwen_chat"), sam2 or SAM2Config.hiera_large())
+                    mrope_interleaved=bool(rope.get("mrope_interleaved", qwen3)),
+                    qkv_bias=not qwen3, qk_norm=qwen3, tie_embeddings=False, arch="qwen3" if qwen3 else "qwen2")
+    # The released Sa2VA-Qwen3-VL reads [SEG] before the final norm (its transformers 4.57
+    # hidden_states[-1] is the last layer's output); Sa2VA-Qwen2.5-VL after it.
+    return Sa2VAConfig(family, vision, llm, sam2, hf.get("template", "qwen_chat"), system_prompt,
+                       seg_hidden_prenorm=qwen3, **ids)
 
 
 def config_to_official(cfg: Sa2VAConfig) -> dict:
-    """The official config.json fields our converter reads, for a config of ours (InternVL family)."""
-    if cfg.family != "internvl":
-        return _qwen_vl_config_to_official(cfg)
+    """The official config.json fields our converter reads, for a config of ours."""
+    official = _qwen_vl_config_to_official(cfg) if cfg.family != "internvl" else _internvl_config_to_official(cfg)
+    if cfg.sam2 is not None and cfg.sam2 != SAM2_HIERA_L:  # releases are Hiera-L; say which SAM-2 any other has
+        official["sam2_config"] = dataclasses.asdict(cfg.sam2)
+    return official
+
+
+def _internvl_config_to_official(cfg: Sa2VAConfig) -> dict:
     v, lm = cfg.vision, cfg.llm
     llm = dict(vocab_size=lm.vocab_size, hidden_size=lm.dim, num_hidden_layers=lm.n_layers, num_attention_heads=lm.n_heads,
                num_key_value_heads=lm.n_kv_heads, intermediate_size=lm.intermediate_size, rms_norm_eps=lm.norm_eps,
                rope_theta=lm.rope_theta, max_position_embeddings=lm.max_position_embeddings,
                tie_word_embeddings=lm.tie_embeddings)
-    if _llm_arch(cfg) == "internlm2":
+    if lm.arch == "internlm2":
         llm.update(architectures=["InternLM2ForCausalLM"], model_type="internlm2", bias=False,
                    rope_scaling={"type": "dynamic", "factor": lm.rope_dynamic_factor} if lm.rope_dynamic_factor else None)
     else:
@@ -237,6 +258,8 @@ def config_to_official(cfg: Sa2VAConfig) -> dict:
 
 def _qwen_vl_config_to_official(cfg: Sa2VAConfig) -> dict:
     v, lm = dataclasses.asdict(cfg.vision), cfg.llm
+    for ours in ("pixel_mean", "pixel_std", "image_temporal_stride"):  # the processor's, not the config's
+        v.pop(ours)
     v["model_type"] = cfg.family
     text = dict(model_type=cfg.family + "_text", vocab_size=lm.vocab_size, hidden_size=lm.dim,
                 num_hidden_layers=lm.n_layers, num_attention_heads=lm.n_heads, num_key_value_heads=lm.n_kv_heads,
@@ -245,11 +268,15 @@ def _qwen_vl_config_to_official(cfg: Sa2VAConfig) -> dict:
                 rope_scaling={"rope_type": "default", "mrope_section": list(lm.mrope_section),
                               **({"mrope_interleaved": True} if lm.mrope_interleaved else {})})
     return {"architectures": ["Sa2VAChatModelQwen"], "model_type": "sa2va_chat", "template": cfg.template,
-            "tie_word_embeddings": False, "vision_config": v, "text_config": text}
+            "tie_word_embeddings": False, "image_token_id": cfg.image_token_id, "vision_config": v, "text_config": text}
 
 
-def _llm_arch(cfg: Sa2VAConfig) -> str:
-    return "internlm2" if cfg.family == "internvl" and not cfg.llm.qkv_bias else "qwen"
+def preprocessor_to_official(cfg: Sa2VAConfig) -> dict:
+    """The image-processor settings (preprocessor_config.json) of a Qwen-VL config of ours."""
+    v = cfg.vision
+    return {"image_processor_type": "Qwen2VLImageProcessor", "patch_size": v.patch_size,
+            "merge_size": v.spatial_merge_size, "temporal_patch_size": v.temporal_patch_size,
+            "image_mean": list(v.pixel_mean), "image_std": list(v.pixel_std)}
 
 
 # ----------------------------------------------------------------------------- key map
@@ -285,7 +312,7 @@ def key_map(cfg: Sa2VAConfig, ours: dict[str, tuple] | None = None) -> dict[str,
         # The Qwen towers keep the official parameter names under `vision.`.
         out.update({QWEN_VISUAL + k[len("vision."):]: (None, (k,)) for k in ours if k.startswith("vision.")})
         return _with_sam2(out, ours)
-    internlm2 = _llm_arch(cfg) == "internlm2"
+    internlm2 = cfg.llm.arch == "internlm2"
     table = dict(INTERNVIT)
     table.update({"language_model.model." + k: v for k, v in (INTERNLM2_LLM if internlm2 else QWEN_LLM).items()})
     table["language_model.output.weight" if internlm2 else "language_model.lm_head.weight"] = "llm.lm_head.weight"
@@ -344,9 +371,22 @@ def _official_shards(src: str) -> dict[str, str]:
     return {k: single for k in SafetensorsReader(single).keys()}
 
 
-def convert(src: str, dst: str, dtype: torch.dtype | None = None, sam2=None) -> Sa2VAConfig:
-    """Official HF folder -> our folder (streamed). `sam2`: a SAM2Config for non-Hiera-L test models."""
-    from model.tokenizer import load_official_tokenizer
+def is_official(path: str) -> bool:
+    """Whether a folder holds an official Sa2VA checkpoint (rather than one of ours)."""
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        return False
+    with open(cfg_path) as f:
+        try:
+            d = json.load(f)
+        except json.JSONDecodeError:
+            return False
+    return isinstance(d, dict) and "family" not in d and ("llm_config" in d or "text_config" in d)
+
+
+def official_config(src: str, tokenizer: Tokenizer) -> Sa2VAConfig:
+    """Our config of an official folder: config.json, plus what only its other files say (the
+    tokenizer's ids, the chat template's system turn, the image processor's mean/std)."""
     cfg_path = os.path.join(src, "config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{src} has no config.json; give the folder of an official Sa2VA checkpoint")
@@ -355,10 +395,24 @@ def convert(src: str, dst: str, dtype: torch.dtype | None = None, sam2=None) -> 
             hf = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
-    cfg = config_from_official(hf, sam2)
-    if cfg.family != "internvl":
-        cfg.system_prompt = qwen_default_system_prompt(src)
+    qwen = isinstance(hf, dict) and "text_config" in hf
+    image_token = data.image_token("qwen2_5_vl" if qwen else "internvl")
+    stats = None
+    if qwen and os.path.isfile(os.path.join(src, "preprocessor_config.json")):
+        with open(os.path.join(src, "preprocessor_config.json")) as f:
+            pre = json.load(f)
+        stats = (pre["image_mean"], pre["image_std"])
+    return config_from_official(hf, image_token_id=tokenizer.token_to_id(image_token),
+                                seg_token_id=tokenizer.token_to_id(data.SEG),
+                                system_prompt=qwen_default_system_prompt(src) if qwen else "", pixel_stats=stats)
+
+
+def read_official(src: str, dtype: torch.dtype | None = None) -> tuple[Sa2VAConfig, Tokenizer, list, Iterator]:
+    """Open an official folder: (our config, tokenizer, [(our key, dtype, shape)], a generator of
+    (our key, tensor) in that order). Everything is checked before the first tensor is read;
+    the generator streams one tensor at a time, cast to dtype (floating ones) if given."""
     tokenizer = load_official_tokenizer(src)  # before any output is written: fail early
+    cfg = official_config(src, tokenizer)
     if len(tokenizer) != cfg.llm.vocab_size:
         raise ValueError(f"{src}: the tokenizer has {len(tokenizer)} tokens but the config says vocab_size="
                          f"{cfg.llm.vocab_size}; the folder mixes files of different checkpoints")
@@ -369,11 +423,12 @@ def convert(src: str, dst: str, dtype: torch.dtype | None = None, sam2=None) -> 
         missing = {k for k, s in where.items() if s == p} - set(h.keys())
         if missing:
             raise ValueError(f"{p} lacks {len(missing)} tensors its index lists, e.g. {sorted(missing)[0]}; the shard is incomplete")
-    # A checkpoint without an LM head ties it to the embeddings (checkpoints.md §6).
-    head = {"internvl": "language_model.output.weight" if _llm_arch(cfg) == "internlm2" else "language_model.lm_head.weight"
+    # Without an LM head the embeddings are tied (the loader rule of convert_to_hf's output):
+    # a stored head is always untied, a missing one needs tie_word_embeddings.
+    head = {"internvl": "language_model.output.weight" if cfg.llm.arch == "internlm2" else "language_model.lm_head.weight"
             }.get(cfg.family, "model.lm_head.weight")
     if head in where:
-        cfg.llm.tie_embeddings = False
+        cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, tie_embeddings=False))
     elif not cfg.llm.tie_embeddings:
         raise ValueError(f"{src}: {head} is missing and llm_config.tie_word_embeddings is false; the checkpoint is incomplete")
     ours = model_shapes(cfg)
@@ -405,13 +460,25 @@ def convert(src: str, dst: str, dtype: torch.dtype | None = None, sam2=None) -> 
                 if dtype is not None and o.is_floating_point():
                     o = o.to(dtype)
                 yield name, o
-                del o  # hold one tensor at a time (the writer drops its reference too)
+                del o  # hold one tensor at a time (the consumer drops its reference too)
 
+    return cfg, tokenizer, specs, tensors()
+
+
+def convert(src: str, dst: str, dtype: torch.dtype | None = None) -> Sa2VAConfig:
+    """Official HF folder -> our folder (streamed, one tensor at a time)."""
+    cfg, tokenizer, specs, tensors = read_official(src, dtype)
     os.makedirs(dst, exist_ok=True)
-    write_safetensors(os.path.join(dst, "model.safetensors"), specs, tensors())
+    write_safetensors(os.path.join(dst, "model.safetensors"), specs, tensors)
     cfg.save(os.path.join(dst, "config.json"))
     tokenizer.save(dst)
     return cfg
+
+
+def load_official(src: str, device="cpu", dtype: torch.dtype | None = None) -> tuple[Sa2VAModel, Tokenizer]:
+    """An official folder straight into a model (converted while streaming; nothing written)."""
+    cfg, tokenizer, _, tensors = read_official(src)
+    return load_tensors(cfg, tensors, device, dtype, src), tokenizer
 
 
 def to_official(src: str, dst: str, like: str | None = None, dtype: torch.dtype | None = None):
@@ -450,6 +517,9 @@ def to_official(src: str, dst: str, like: str | None = None, dtype: torch.dtype 
     else:
         with open(os.path.join(dst, "config.json"), "w") as fh:
             json.dump(config_to_official(cfg), fh, indent=2)
+        if cfg.family != "internvl":
+            with open(os.path.join(dst, "preprocessor_config.json"), "w") as fh:
+                json.dump(preprocessor_to_official(cfg), fh, indent=2)
 
 
 def qwen_default_system_prompt(src: str) -> str:

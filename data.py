@@ -1,28 +1,55 @@
-"""Inputs to Sa2VA: images and videos, their preprocessing, and the prompt text.
+"""Inputs to Sa2VA: media and conversations turned into model inputs, one processor per family.
 
-Reproduces the official inference preprocessing (inference.md §2-4, §9):
-  * InternVL dynamic tiling (1-12 tiles of 448 px + a thumbnail, the reference tie-break),
-    PIL bicubic resizes, ImageNet normalisation;
-  * the chat templates named by `config.template` and the `<img><IMG_CONTEXT>*N</img>` string;
-  * the Qwen-VL user turn (`<|vision_start|><|image_pad|>*N<|vision_end|>` per image, then the
-    text) and the image-processor settings per family (the processor itself: qwen_processing.py);
-  * videos from files (decoded on demand with av), frame folders or frame lists, and the choice
-    of key frames (the official first five, or evenly spaced ones).
+    processor = make_processor(cfg, tokenizer)            # InternVLProcessor or QwenVLProcessor
+    media = processor.media(image=img)                     # pixels, visual-token string, SAM-2 frames
+    sample = processor([("<image>\\nPlease segment the cat.", "Sure, [SEG].")], media)
+    inputs = collate([sample])                             # a padded model.sa2va.ModelInputs
+
+Reproduces the official preprocessing (HF remote code `modeling_sa2va_chat.py` /
+`modeling_sa2va_qwen.py: predict_forward`, train code `projects/sa2va/datasets`):
+  * InternVL dynamic tiling (`dynamic_preprocess`: 1-12 tiles of 448 px + a thumbnail, the
+    reference tie-break), PIL bicubic resizes, the vision config's mean/std; video key frames
+    one 448-px tile each; `<vp>` regions as the last tile's token rows;
+  * the Qwen-VL image pipeline: qwen_vl_utils 0.0.14 `fetch_image`, then the image processor
+    (`smart_resize`, bicubic resize, normalise, patchify) and its `<|image_pad|>` counts;
+  * the chat templates named by `config.template` (xtuner's INSTRUCTION / SUFFIX / SEP), labels
+    with -100 on everything but the answers and their suffix (xtuner `encode_fn`);
+  * SAM-2's 1024-px frames (PIL bicubic, aspect ratio not kept) as uint8, normalised in the model;
+  * videos from files (decoded on demand with av), frame folders or frame lists, and key frames;
+  * COCO run-length encoding of masks (pycocotools' compressed string form).
+
+Qwen-VL resize of the image processor: under transformers 4.57 with torchvision installed
+(Sa2VA's code imports it), `AutoProcessor` loads the *fast* `Qwen2VLImageProcessorFast`, which
+resizes the uint8 image with torch's antialiased bicubic; the slow processor uses PIL's. They
+differ by up to 2 grey levels on under 1% of pixels; `resize="torch"` (default) reproduces the
+fast path, `resize="pil"` the slow one. Normalisation is (x/255 - mean)/std in fp32 for both
+(the fast processor fuses it; the results differ by ~1e-7).
 """
+import math
 import os
 from dataclasses import dataclass
 
+import av
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from model.config import NUM_KEY_FRAMES, Qwen25VisionConfig, Qwen3VisionConfig, Sa2VAConfig
+from model.llm import mrope_positions
+from model.sa2va import ModelInputs
+from model.tokenizer import Tokenizer
 
 IMG_START, IMG_END, IMG_CONTEXT = "<img>", "</img>", "<IMG_CONTEXT>"
 SEG, P_START, P_END, VP_START, VP_END = "[SEG]", "<p>", "</p>", "<vp>", "</vp>"
 SA2VA_TOKENS = (SEG, P_START, P_END, VP_START, VP_END)  # added by Sa2VA, in this order
 QWEN_VISION_START, QWEN_VISION_END, QWEN_IMAGE_PAD = "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"
+IGNORE = -100  # label of a token that takes no loss
+
+
+def image_token(family: str) -> str:
+    """The token whose slots the vision tower's rows fill: <IMG_CONTEXT> (InternVL) or <|image_pad|> (Qwen-VL)."""
+    return IMG_CONTEXT if family == "internvl" else QWEN_IMAGE_PAD
 
 
 # ----------------------------------------------------------------------------- images
@@ -75,30 +102,147 @@ def dynamic_tiles(image: Image.Image, image_size: int = 448, min_num: int = 1, m
     return tiles
 
 
-def to_tensor(images: list[Image.Image], size: int, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
-    """PIL images -> (N, 3, size, size) float32, bicubic-resized to size (identity if already so)."""
+def to_tensor(images: list[Image.Image], size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+    """PIL images -> (N, 3, size, size) float32, bicubic-resized to size (identity if already so), normalised."""
     arrays = [np.asarray(im.resize((size, size), Image.BICUBIC) if im.size != (size, size) else im,
                          dtype=np.uint8) for im in images]
     x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255.0  # (N, 3, S, S)
-    mean = torch.tensor(mean).view(1, 3, 1, 1)
-    std = torch.tensor(std).view(1, 3, 1, 1)
-    return (x - mean) / std
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def sam2_frames(images: list[Image.Image], size: int) -> torch.Tensor:
+    """SAM-2's input: each image resized to size x size (PIL bicubic, aspect ratio not kept) -> (T, 3, S, S) uint8."""
+    return torch.stack([torch.from_numpy(np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)).copy())
+                        .permute(2, 0, 1) for im in images])
+
+
+# ----------------------------------------------------------------------------- Qwen-VL images
+
+QwenVisionConfig = Qwen25VisionConfig | Qwen3VisionConfig
+MAX_ASPECT = 200  # both smart_resize versions reject more elongated images
+# Sa2VA's processor call limits (modeling_sa2va_qwen.py: predict_forward), the same for both families.
+SA2VA_MIN_PIXELS = 512 * 28 * 28
+SA2VA_MAX_PIXELS = 2048 * 28 * 28
+
+
+def _check_aspect(height: int, width: int):
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise ValueError(f"image {width}x{height} is more elongated than {MAX_ASPECT}:1; crop it first")
+
+
+def fetch_smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 4 * 28 * 28,
+                       max_pixels: int = 16384 * 28 * 28) -> tuple[int, int]:
+    """qwen_vl_utils' smart_resize: sides rounded to `factor` (at least one factor), then scaled into the pixel range."""
+    _check_aspect(height, width)
+    h = max(factor, round(height / factor) * factor)
+    w = max(factor, round(width / factor) * factor)
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h, w = math.floor(height / beta / factor) * factor, math.floor(width / beta / factor) * factor
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """The image processor's smart_resize (differs from qwen_vl_utils' in where sides are kept >= factor)."""
+    _check_aspect(height, width)
+    h, w = round(height / factor) * factor, round(width / factor) * factor
+    if h * w > max_pixels:
+        beta = math.sqrt(height * width / max_pixels)
+        h = max(factor, math.floor(height / beta / factor) * factor)
+        w = max(factor, math.floor(width / beta / factor) * factor)
+    elif h * w < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h, w = math.ceil(height * beta / factor) * factor, math.ceil(width * beta / factor) * factor
+    return h, w
+
+
+def fetch_image(image: Image.Image) -> Image.Image:
+    """qwen_vl_utils `fetch_image` for a PIL image with default settings: to RGB, then resize to multiples of 28."""
+    if not isinstance(image, Image.Image):
+        raise ValueError(f"expected a PIL image, got {type(image).__name__}; open files with PIL first")
+    if image.mode == "RGBA":  # qwen_vl_utils composites transparency onto white
+        rgb = Image.new("RGB", image.size, (255, 255, 255))
+        rgb.paste(image, mask=image.split()[3])
+        image = rgb
+    else:
+        image = image.convert("RGB")
+    h, w = fetch_smart_resize(image.height, image.width)
+    return image.resize((w, h), Image.BICUBIC)
+
+
+def resize_uint8(image: torch.Tensor, height: int, width: int, resize: str = "torch") -> torch.Tensor:
+    """Bicubic resize of a uint8 (3, H, W) image as the fast ("torch") or slow ("pil") processor does it."""
+    if resize not in ("torch", "pil"):
+        raise ValueError(f"unknown resize {resize!r}; use 'torch' (fast processor) or 'pil' (slow processor)")
+    if tuple(image.shape[-2:]) == (height, width):
+        return image  # both processors leave an image of the target size untouched
+    if resize == "pil":
+        pil = Image.fromarray(image.permute(1, 2, 0).numpy()).resize((width, height), Image.BICUBIC)
+        return torch.from_numpy(np.asarray(pil).copy()).permute(2, 0, 1)
+    # torchvision's uint8 CPU path: torch's native antialiased bicubic, uint8 in and out.
+    return F.interpolate(image[None], size=(height, width), mode="bicubic", align_corners=False, antialias=True)[0]
+
+
+def patchify(pixels: torch.Tensor, vision: QwenVisionConfig) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """Normalised still image (C, H, W) -> flattened patches (gh*gw, C*tp*p*p) and its grid (1, gh, gw).
+
+    Patches are listed in 2x2 merge-block order (block row, block col, row in block, col in
+    block); each patch is (C, tp, p, p) flattened, the image repeated tp times in time.
+    """
+    C, H, W = pixels.shape
+    p, m, tp = vision.patch_size, vision.spatial_merge_size, vision.temporal_patch_size
+    if H % (p * m) or W % (p * m):
+        raise ValueError(f"image {W}x{H} is not a multiple of {p * m}; resize it with smart_resize first")
+    gh, gw = H // p, W // p
+    x = pixels.view(C, gh // m, m, p, gw // m, m, p)
+    x = x.permute(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, p, p)
+    x = x[:, :, :, :, :, None].expand(-1, -1, -1, -1, -1, tp, -1, -1)  # (..., C, tp, p, p)
+    return x.reshape(gh * gw, C * tp * p * p), (1, gh, gw)
+
+
+def process_image(image: Image.Image, vision: QwenVisionConfig, min_pixels: int = SA2VA_MIN_PIXELS,
+                  max_pixels: int = SA2VA_MAX_PIXELS, resize: str = "torch") -> tuple[torch.Tensor, tuple[int, int, int]]:
+    """The image processor alone: RGB PIL image -> patches (L, C*tp*p*p) float32 and (1, gh, gw)."""
+    x = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)  # (3, H, W) uint8
+    h, w = smart_resize(x.shape[1], x.shape[2], vision.patch_size * vision.spatial_merge_size, min_pixels, max_pixels)
+    x = resize_uint8(x, h, w, resize).float() / 255
+    x = (x - torch.tensor(vision.pixel_mean)[:, None, None]) / torch.tensor(vision.pixel_std)[:, None, None]
+    return patchify(x, vision)
+
+
+def qwen_image_inputs(images: list[Image.Image], vision: QwenVisionConfig, min_pixels: int = SA2VA_MIN_PIXELS,
+                      max_pixels: int = SA2VA_MAX_PIXELS, resize: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+    """Sa2VA's full pipeline (fetch_image, then the processor) for images or video frames fed as images.
+
+    Returns pixel_values (sum of L_i, C*tp*p*p) float32 and image_grid_thw (n_images, 3) long;
+    image i takes gh*gw/merge**2 `<|image_pad|>` tokens.
+    """
+    if not images:
+        raise ValueError("no images given; pass at least one PIL image")
+    patches, grids = zip(*(process_image(fetch_image(im), vision, min_pixels, max_pixels, resize) for im in images))
+    return torch.cat(patches), torch.tensor(grids, dtype=torch.long)
 
 
 # ----------------------------------------------------------------------------- prompts
 
 @dataclass(frozen=True)
 class Template:
-    instruction: str  # with an `{input}` slot
+    instruction: str  # a user turn, with an `{input}` slot, up to the assistant's answer
+    suffix: str  # ends an answer (takes loss; the first stop word)
     stop_words: tuple[str, ...]
+    sep: str = "\n"  # between turns, no loss
 
 
 # xtuner's templates as Sa2VA uses them (no system prompt).
 TEMPLATES = {
-    "qwen_chat": Template("<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n",
+    "qwen_chat": Template("<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>",
                           ("<|im_end|>", "<|endoftext|>")),
-    "internlm2_chat": Template("<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n", ("<|im_end|>",)),
-    "phi3_chat": Template("<|user|>\n{input}<|end|>\n<|assistant|>\n", ("<|end|>",)),
+    "internlm2_chat": Template("<|im_start|>user\n{input}<|im_end|>\n<|im_start|>assistant\n", "<|im_end|>",
+                               ("<|im_end|>",)),
+    "phi3_chat": Template("<|user|>\n{input}<|end|>\n<|assistant|>\n", "<|end|>", ("<|end|>",)),
 }
 
 
@@ -115,7 +259,7 @@ def image_token_string(n_tokens_per_image: list[int]) -> str:
 
 
 def vp_string(region_token_counts: list[int]) -> str:
-    """The text that introduces <vp> regions after the image (inference.md §9)."""
+    """The text that introduces <vp> regions after the image (modeling_sa2va_chat.py: predict_forward)."""
     regions = ", ".join(f"region{r + 1}{VP_START}{IMG_CONTEXT * k}{VP_END}" for r, k in enumerate(region_token_counts))
     return f"\nThere are {len(region_token_counts)} part regions in the picture: {regions}.\n"
 
@@ -139,15 +283,6 @@ def format_qwen_turn(text: str, image_tokens: str = "", system_prompt: str | Non
     """
     head = f"<|im_start|>system\n{system_prompt}<|im_end|>\n" if system_prompt else ""
     return f"{head}<|im_start|>user\n{image_tokens}{text.replace('<image>', '')}<|im_end|>\n<|im_start|>assistant\n"
-
-
-def qwen_image_spec(cfg):
-    """The image-processor settings of a Qwen-VL config (mean/std per family)."""
-    from qwen_processing import CLIP_MEAN, CLIP_STD, QwenImageSpec
-    mean, std = (CLIP_MEAN, CLIP_STD) if cfg.family == "qwen2_5_vl" else ((0.5,) * 3, (0.5,) * 3)
-    v = cfg.vision
-    return QwenImageSpec(patch_size=v.patch_size, merge_size=v.spatial_merge_size,
-                         temporal_patch_size=v.temporal_patch_size, mean=mean, std=std)
 
 
 # ----------------------------------------------------------------------------- videos
@@ -190,14 +325,12 @@ class Video:
         return self._n
 
     def _open(self):
-        import av
         try:
             return av.open(self._path)
         except (av.error.InvalidDataError, av.error.FFmpegError, OSError) as e:
             raise ValueError(f"cannot decode video {self._path}: {e}") from None
 
     def _count_frames(self) -> int:
-        import av
         with self._open() as c:
             if not c.streams.video:
                 raise ValueError(f"{self._path} has no video stream")
@@ -228,7 +361,7 @@ class Video:
         return im
 
 
-def key_frame_indices(num_frames: int, k: int, mode: str) -> list[int]:
+def key_frame_indices(num_frames: int, k: int = NUM_KEY_FRAMES, mode: str = "first") -> list[int]:
     """Frames the MLLM sees and SAM-2 conditions on.
 
     'first': frames 0..k-1, the official Sa2VA behaviour. 'uniform': k evenly spaced frames
@@ -240,3 +373,275 @@ def key_frame_indices(num_frames: int, k: int, mode: str) -> list[int]:
     if mode == "uniform":
         return sorted(set(np.linspace(0, num_frames - 1, k).astype(int).tolist()))
     raise ValueError(f"unknown key-frame mode {mode!r}; use 'first' or 'uniform'")
+
+
+# ----------------------------------------------------------------------------- processors
+
+@dataclass
+class Media:
+    """An image, or a video's key frames, prepared for the model (the processor's first half)."""
+    pixel_values: torch.Tensor  # InternVL (N_tiles, 3, S, S) normalised; Qwen-VL (N_patches, C*t*p*p)
+    grid_thw: torch.Tensor | None  # Qwen-VL (N_images, 3); None for InternVL
+    token_string: str  # replaces '<image>' in the first user turn
+    visual_rows: torch.Tensor  # (N_slots,) long: the vision-output row behind each visual token, in order
+    num_vision_rows: int  # rows the vision tower returns for pixel_values
+    sam2_frames: torch.Tensor | None  # (F, 3, S, S) uint8 SAM-2 inputs of the same frames (None without SAM-2)
+    size: tuple[int, int]  # (W, H) of the image or first frame
+
+
+@dataclass
+class Sample:
+    """One conversation as model inputs, unpadded (collate pads a batch of them)."""
+    input_ids: torch.Tensor  # (L,) long
+    labels: torch.Tensor  # (L,) long, IGNORE where no loss
+    positions: torch.Tensor  # (L,), or (3, L) multimodal RoPE
+    text: str  # the formatted conversation, for the next turn
+    answer: tuple[int, int]  # [start, end) of the last answer's tokens, suffix included; (L, L) if none
+    num_seg: int  # [SEG] tokens in input_ids
+    media: Media | None = None
+    mask_queries: torch.Tensor | None = None  # (P, 2) ([SEG] index in the sample, SAM-2 frame)
+
+
+Turns = list[tuple[str, str | None]]  # (user text, answer or None for the generation prompt)
+
+
+class Processor:
+    """Shared text half of the processors: templating, tokenising and labels (xtuner `encode_fn`).
+
+    The first chunk is the history (already formatted turns) plus the first user turn, encoded
+    as one string as `predict_forward` does; each answer (with its suffix) and each separator is
+    encoded on its own, as xtuner's `encode_fn` does, so the labels line up with the answers.
+    """
+
+    def __init__(self, cfg: Sa2VAConfig, tokenizer: Tokenizer):
+        self.cfg, self.tok = cfg, tokenizer
+        self.template = get_template(cfg.template)
+        self.image_token = image_token(cfg.family)
+        self.image_token_id = tokenizer.token_to_id(self.image_token)
+        self.seg_id = tokenizer.token_to_id(SEG)
+        if (self.image_token_id, self.seg_id) != (cfg.image_token_id, cfg.seg_token_id):
+            raise ValueError(f"the tokenizer gives {self.image_token} id {self.image_token_id} and [SEG] id {self.seg_id}, "
+                             f"the config {cfg.image_token_id} and {cfg.seg_token_id}; the checkpoint folder is "
+                             "inconsistent, re-run convert.py")
+
+    def media(self, image: Image.Image | None = None, frames: list[Image.Image] | None = None,
+              regions: np.ndarray | None = None) -> Media:
+        raise NotImplementedError
+
+    def user_turn(self, text: str, media: Media | None, first: bool) -> str:
+        raise NotImplementedError
+
+    def positions(self, ids: torch.Tensor, media: Media | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, turns: Turns, media: Media | None = None, history: str = "", decode_masks: bool = False) -> Sample:
+        """A conversation -> Sample. history: formatted earlier turns (their media is `media`).
+
+        decode_masks: also ask for every [SEG] decoded on every SAM-2 frame of the media (the
+        official training's video expansion: a video's prompts apply to each of its frames).
+        """
+        if not turns:
+            raise ValueError("a conversation needs at least one turn")
+        has_image_tag = any("<image>" in user for user, _ in turns)
+        if has_image_tag and media is None:
+            raise ValueError("the prompt has '<image>' but no image or video was given")
+        ids, labels, text = [], [], history
+        answer = None
+        for k, (user, reply) in enumerate(turns):
+            prompt = self.user_turn(user, media if k == 0 and not history else None, first=k == 0 and not history)
+            chunk = self.tok.encode((history if k == 0 else "") + prompt, add_bos=k == 0)
+            ids += chunk
+            labels += [IGNORE] * len(chunk)
+            text += prompt
+            if reply is None:
+                if k != len(turns) - 1:
+                    raise ValueError(f"turn {k} has no answer; only the last turn may be left for generation")
+                break
+            if not reply:
+                raise ValueError("an answer is empty; give the text to segment, e.g. 'Sure, [SEG].'")
+            full = self.tok.encode(reply + self.template.suffix, add_bos=False)
+            sep = self.tok.encode(self.template.sep, add_bos=False)
+            answer = (len(ids), len(ids) + len(full))
+            ids += full + sep
+            labels += full + [IGNORE] * len(sep)
+            text += reply + self.template.suffix + self.template.sep
+        input_ids = torch.tensor(ids, dtype=torch.long)
+        num_seg = int((input_ids == self.seg_id).sum())
+        queries = None
+        if decode_masks and media is not None and media.sam2_frames is not None:
+            seg, frame = torch.meshgrid(torch.arange(num_seg), torch.arange(len(media.sam2_frames)), indexing="ij")
+            queries = torch.stack([seg.flatten(), frame.flatten()], -1)
+        L = len(ids)
+        return Sample(input_ids, torch.tensor(labels, dtype=torch.long), self.positions(input_ids, media), text,
+                      answer or (L, L), num_seg, media, queries)
+
+
+class InternVLProcessor(Processor):
+    """InternVL family: dynamic 448-px tiles for an image, one tile per video key frame, `<vp>` regions."""
+
+    def media(self, image: Image.Image | None = None, frames: list[Image.Image] | None = None,
+              regions: np.ndarray | None = None) -> Media:
+        v = self.cfg.vision
+        if (image is None) == (frames is None):
+            raise ValueError("give an image or the frames of a video, not both or neither")
+        if frames is not None and regions is not None:
+            raise ValueError("<vp> regions need an image, not a video")
+        images = dynamic_tiles(image, v.image_size) if image is not None else frames
+        tiles = to_tensor(images, v.image_size, v.pixel_mean, v.pixel_std)
+        tpt = v.tokens_per_tile
+        # an image is one <img> block of all its tiles; a video one block per frame
+        token_string = image_token_string([len(images) * tpt] if image is not None else [tpt] * len(images))
+        rows = [torch.arange(len(images) * tpt)]
+        if regions is not None:
+            cells = self.region_cells(regions, image.size)  # (n, side*side) bool
+            token_string += vp_string(cells.sum(1).tolist())
+            # Each region's rows are the last tile's (the thumbnail, or the only tile) cells it covers.
+            rows += [(len(images) - 1) * tpt + torch.nonzero(c).flatten() for c in cells]
+        sam2 = sam2_frames([image] if image is not None else frames, self.cfg.sam2.image_size) if self.cfg.sam2 else None
+        return Media(tiles, None, token_string, torch.cat(rows), len(images) * tpt, sam2,
+                     (image if image is not None else frames[0]).size)
+
+    def region_cells(self, regions: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+        """(n, H, W) region masks -> (n, side*side) bool token cells of a tile, side = grid / 2."""
+        m = np.asarray(regions)
+        W, H = size
+        if m.ndim == 2:
+            m = m[None]
+        if m.ndim != 3 or m.shape[0] == 0:
+            raise ValueError(f"mask_prompts must be (n_regions, H, W), got shape {m.shape}")
+        if m.shape[1:] != (H, W):
+            raise ValueError(f"mask_prompts are {m.shape[1]}x{m.shape[2]} but the image is {H}x{W}; give masks of the image's size")
+        side = self.cfg.vision.grid // 2
+        # Nearest resize to the token grid, as the reference (F.interpolate 'nearest').
+        small = F.interpolate(torch.from_numpy(m.astype(np.float32))[None], size=(side, side), mode="nearest")[0]
+        return small.flatten(1) > 0
+
+    def user_turn(self, text: str, media: Media | None, first: bool) -> str:
+        return format_turn(self.cfg.template, text, media.token_string if media is not None else "")
+
+    def positions(self, ids: torch.Tensor, media: Media | None) -> torch.Tensor:
+        return torch.arange(len(ids))
+
+
+class QwenVLProcessor(Processor):
+    """Qwen2.5-VL / Qwen3-VL: the Qwen image pipeline per image (video key frames are images too)."""
+
+    def __init__(self, cfg: Sa2VAConfig, tokenizer: Tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.vision_start_id = tokenizer.token_to_id(QWEN_VISION_START)
+
+    def media(self, image: Image.Image | None = None, frames: list[Image.Image] | None = None,
+              regions: np.ndarray | None = None, resize: str = "torch") -> Media:
+        if (image is None) == (frames is None):
+            raise ValueError("give an image or the frames of a video, not both or neither")
+        if regions is not None:
+            raise ValueError("mask_prompts (<vp> regions) need an InternVL-family model")
+        images = [image] if image is not None else frames
+        pixels, grid = qwen_image_inputs(images, self.cfg.vision, resize=resize)
+        counts = (grid.prod(-1) // self.cfg.vision.spatial_merge_size ** 2).tolist()
+        sam2 = sam2_frames(images, self.cfg.sam2.image_size) if self.cfg.sam2 else None
+        return Media(pixels, grid, "".join(qwen_image_string(n) for n in counts), torch.arange(sum(counts)),
+                     sum(counts), sam2, images[0].size)
+
+    def user_turn(self, text: str, media: Media | None, first: bool) -> str:
+        return format_qwen_turn(text, media.token_string if media is not None else "",
+                                self.cfg.system_prompt if first else None)
+
+    def positions(self, ids: torch.Tensor, media: Media | None) -> torch.Tensor:
+        pos, _ = mrope_positions(ids[None], media.grid_thw if media is not None else None, self.image_token_id,
+                                 self.vision_start_id, self.cfg.vision.spatial_merge_size,
+                                 image_temporal_stride=self.cfg.vision.image_temporal_stride)
+        return pos[:, 0]  # (3, L)
+
+
+def make_processor(cfg: Sa2VAConfig, tokenizer: Tokenizer) -> Processor:
+    return InternVLProcessor(cfg, tokenizer) if cfg.family == "internvl" else QwenVLProcessor(cfg, tokenizer)
+
+
+def collate(samples: list[Sample], pad: str = "right") -> ModelInputs:
+    """Pad samples into one batch ("left" for generation, "right" for training) and concatenate
+    their media in order, renumbering visual rows, [SEG] indices and frames."""
+    if pad not in ("left", "right"):
+        raise ValueError(f"unknown padding {pad!r}; use 'left' or 'right'")
+    B, L = len(samples), max(len(s.input_ids) for s in samples)
+    mrope = samples[0].positions.dim() == 2
+    ids = torch.zeros(B, L, dtype=torch.long)
+    labels = torch.full((B, L), IGNORE, dtype=torch.long)
+    key_mask = torch.zeros(B, L, dtype=torch.bool)
+    positions = torch.zeros((3, B, L) if mrope else (B, L), dtype=torch.long)
+    pixels, grids, rows, frames, queries = [], [], [], [], []
+    n_rows = n_seg = n_frames = 0
+    for b, s in enumerate(samples):
+        n = len(s.input_ids)
+        span = slice(L - n, L) if pad == "left" else slice(0, n)
+        ids[b, span], labels[b, span], key_mask[b, span] = s.input_ids, s.labels, True
+        positions[..., b, span] = s.positions
+        if s.media is not None:
+            pixels.append(s.media.pixel_values)
+            if s.media.grid_thw is not None:
+                grids.append(s.media.grid_thw)
+            rows.append(s.media.visual_rows + n_rows)
+            n_rows += s.media.num_vision_rows
+        if s.mask_queries is not None:
+            queries.append(s.mask_queries + torch.tensor([n_seg, n_frames]))
+        if s.media is not None and s.media.sam2_frames is not None:
+            frames.append(s.media.sam2_frames)
+            n_frames += len(s.media.sam2_frames)
+        n_seg += s.num_seg
+    return ModelInputs(ids, positions, None if bool(key_mask.all()) else key_mask,
+                       torch.cat(pixels) if pixels else None, torch.cat(grids) if grids else None,
+                       torch.cat(rows) if rows else None, torch.cat(frames) if frames else None,
+                       torch.cat(queries) if queries else None, labels)
+
+
+# ----------------------------------------------------------------------------- masks
+
+def rle_encode(mask: np.ndarray) -> dict:
+    """COCO RLE of a (H, W) bool mask in pycocotools' compressed form ({"size", "counts": str}).
+
+    Column-major runs starting with zeros; each run (minus the run two before it, from the
+    fourth on) written as a little-endian base-32 number in 6-bit characters from '0' (48).
+    """
+    flat = np.asarray(mask, dtype=np.uint8).flatten(order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1
+    counts = np.diff(np.concatenate([[0], change, [flat.size]])).tolist()
+    if flat.size and flat[0] == 1:
+        counts = [0] + counts
+    out = []
+    for i, c in enumerate(counts):
+        x = c - counts[i - 2] if i > 2 else c
+        while True:
+            ch, x = x & 0x1F, x >> 5
+            more = x != -1 if ch & 0x10 else x != 0
+            out.append(chr(48 + (ch | 0x20 if more else ch)))
+            if not more:
+                break
+    return {"size": list(mask.shape), "counts": "".join(out)}
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """A COCO RLE (compressed string or uncompressed list of counts) -> (H, W) bool mask."""
+    h, w = rle["size"]
+    counts = rle["counts"]
+    if isinstance(counts, str):
+        runs, x, k = [], 0, 0
+        for ch in counts.encode():
+            c = ch - 48
+            x |= (c & 0x1F) << (5 * k)
+            k += 1
+            if c & 0x20:
+                continue
+            if c & 0x10:
+                x |= -1 << (5 * k)  # sign-extend
+            runs.append(x + runs[-2] if len(runs) > 2 else x)
+            x, k = 0, 0
+        counts = runs
+    flat = np.zeros(h * w, dtype=bool)
+    pos = 0
+    for i, c in enumerate(counts):
+        if i % 2:
+            flat[pos:pos + c] = True
+        pos += c
+    if pos != h * w:
+        raise ValueError(f"RLE counts cover {pos} pixels but size {h}x{w} has {h * w}; the mask is corrupt")
+    return flat.reshape(w, h).T

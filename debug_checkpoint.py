@@ -1,4 +1,4 @@
-"""Write tiny random-weight Sa2VA checkpoints in the official Hugging Face layout.
+"""Write tiny random-weight Sa2VA checkpoints in the official Hugging Face layout, and the self-check.
 
 No real checkpoint can be downloaded in tests or CI, so the tests and `sa2va.py --self-check`
 build stand-ins: the official file names, config fields and tensor keys, at debug sizes, with a
@@ -7,7 +7,10 @@ answers mean nothing; the plumbing is real.
 """
 import json
 import os
+import tempfile
+import time
 
+import numpy as np
 import torch
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
@@ -87,6 +90,9 @@ def write_official_checkpoint(dst: str, cfg: Sa2VAConfig, seed: int = 0, shards:
                           ((k, official[k]) for k in part))
     with open(os.path.join(dst, "config.json"), "w") as f:
         json.dump(convert.config_to_official(cfg), f, indent=2)
+    if cfg.family != "internvl":  # the Qwen-VL releases ship their image processor's settings
+        with open(os.path.join(dst, "preprocessor_config.json"), "w") as f:
+            json.dump(convert.preprocessor_to_official(cfg), f, indent=2)
     write_tokenizer(dst, cfg.family)
     return official
 
@@ -95,3 +101,30 @@ def debug_checkpoint(dst: str, family: str = "internvl", llm: str = "qwen2", sha
     cfg = debug_config(family, llm=llm, vocab_size=vocab_size(family))
     write_official_checkpoint(dst, cfg, seed=seed, shards=shards)
     return cfg
+
+
+def self_check(api, family: str = "internvl"):
+    """The main job until trained weights are at hand: a tiny random-weight checkpoint in the
+    official layout is loaded with `api.from_pretrained` (the Sa2VA class; converted while
+    loading), then chats and segments an image and an 8-frame video. Returns the video prediction."""
+    print(f"self-check: a tiny RANDOM-weight Sa2VA ({family} family); its answers and masks are noise, the plumbing is real")
+    with tempfile.TemporaryDirectory() as tmp:
+        debug_checkpoint(tmp, family, shards=2)
+        model = api.from_pretrained(tmp)
+    yy, xx = np.mgrid[:240, :320]
+    frames = [np.stack([(xx + 8 * t) % 256, yy % 256, np.full_like(xx, 128)], -1).astype(np.uint8) for t in range(8)]
+    t0 = time.perf_counter()
+    chat = model.predict(image=frames[0], text="<image>\nWhat is in the image?", max_new_tokens=16)
+    print(f"  chat ({time.perf_counter() - t0:.2f}s): {chat.text!r}")
+    t0 = time.perf_counter()
+    img = model.predict(image=frames[0], text="<image>\nPlease segment the stripes.", answer="Sure, [SEG].")
+    if len(img.masks) != 1 or img.masks[0].shape != (1, 240, 320):
+        raise RuntimeError(f"self-check failed: image masks {[m.shape for m in img.masks]}, expected one (1, 240, 320)")
+    print(f"  image ({time.perf_counter() - t0:.2f}s): {len(img.masks)} mask of shape {img.masks[0].shape}")
+    t0 = time.perf_counter()
+    vid = model.predict(video=frames, text="<image>\nPlease segment both stripes.", answer="<p>one</p> [SEG] and <p>two</p> [SEG].")
+    if len(vid.masks) != 2 or any(m.shape != (8, 240, 320) for m in vid.masks):
+        raise RuntimeError(f"self-check failed: video masks {[m.shape for m in vid.masks]}, expected two (8, 240, 320)")
+    print(f"  video ({time.perf_counter() - t0:.2f}s): {len(vid.masks)} objects {vid.phrases}, masks {vid.masks[0].shape}")
+    print("self-check passed")
+    return vid

@@ -1,21 +1,27 @@
 """Chat with Sa2VA and segment what it talks about, in images and videos.
 
-    python sa2va.py --model DIR --image cat.jpg --prompt "<image>Please segment the cat." --out out/
-    python sa2va.py --model DIR --video clip.mp4 --prompt "<image>Please segment the running dog."
+    python sa2va.py --model DIR --image cat.jpg --prompt "Please segment the cat." --out out/
+    python sa2va.py --model DIR --video clip.mp4 --prompt "Please segment the running dog."
     python sa2va.py --self-check            # tiny random model, end to end (no checkpoint needed)
 
 Python:
-    model = Sa2VA.from_pretrained("checkpoints/Sa2VA-1B")
+    model = Sa2VA.from_pretrained("checkpoints/Sa2VA-1B")   # ours, or an official HF folder
     out = model.predict(image="cat.jpg", text="<image>Please segment the cat.")
     out.text, out.masks[0].shape   # answer, (1, H, W) bool per [SEG]
 
-Reproduces the official `predict_forward` (inference.md) of both the InternVL and the Qwen-VL
-families: prompts, tiling / Qwen image processing, greedy generation, `[SEG]` hidden states ->
-text_hidden_fcs -> SAM-2, video propagation.
-Additions: teacher-forced answers (`answer=`), evenly spaced key frames for video, all objects
-of a video tracked in one batched SAM-2 pass, conversation state kept for follow-up turns.
+`predict` is four public steps, which evaluation and benchmarks call on their own:
+    conv = model.encode_media(image=...)              # processor + vision tower, once per conversation
+    inputs, samples = model.build_inputs([conv], [text])   # the conversation as model inputs
+    (tokens, prompts), = model.run_llm(inputs, samples, [conv], generation)  # answer + [SEG] prompts
+    masks = model.segment(conv, prompts)              # SAM-2: image decode or video propagation
+
+Reproduces the official `predict_forward` of both the InternVL and the Qwen-VL families
+(`modeling_sa2va_chat.py`, `modeling_sa2va_qwen.py`): prompts, tiling / Qwen image
+processing, greedy generation, `[SEG]` hidden states -> text_hidden_fcs -> SAM-2, video
+propagation. Additions: teacher-forced answers (`answer=`, through the model's forward),
+evenly spaced key frames for video, all objects of a video tracked in one batched SAM-2 pass,
+conversation state kept for follow-up turns, batched image requests.
 """
-import argparse
 import dataclasses
 import json
 import os
@@ -25,27 +31,30 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 
+import av
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
 
+import convert
 import data
+from cli import arg, parse
+from debug_checkpoint import self_check
 from model.checkpoint import load_model, parse_dtype
+from model.config import NUM_KEY_FRAMES
 from model.generate import GenerationConfig, generate
-from model.sa2va import Sa2VAModel
+from model.sa2va import ModelInputs, Sa2VAModel, VisionOutput
 from model.tokenizer import Tokenizer
-
-NUM_VIDEO_KEY_FRAMES = 5  # frames of a video the MLLM sees (official: the first five)
 
 
 @dataclass
 class Conversation:
-    """What a follow-up turn needs: the formatted text so far, its visual rows and the media."""
-    text: str = ""
-    visual: torch.Tensor | None = None  # (N_ctx, D) rows for every visual token in `text`
-    deepstack: list[torch.Tensor] = field(default_factory=list)  # Qwen3-VL: per-layer extra rows
-    grid_thw: torch.Tensor | None = None  # Qwen-VL: (n_images, 3) patch grids, for mRoPE positions
-    image: object = None  # PIL image of this conversation, or None
+    """What a turn needs besides its text: the media, encoded once, and the formatted text so far."""
+    text: str = ""  # the formatted earlier turns
+    media: data.Media | None = None  # the processor's output for the image or the video's key frames
+    vision: VisionOutput | None = None  # the vision tower's output for media
+    image: Image.Image | None = None
     video: data.Video | None = None
     key_frames: list[int] = field(default_factory=list)
 
@@ -74,7 +83,7 @@ def gcg_phrases(text: str, n_masks: int) -> list[str]:
 
 
 class Sa2VA:
-    """Inference API around a Sa2VAModel and its tokenizer (kept apart from the nn.Module)."""
+    """Inference API around a Sa2VAModel, its tokenizer and its processor (kept apart from the nn.Module)."""
 
     def __init__(self, model: Sa2VAModel, tokenizer: Tokenizer):
         self.model = model
@@ -83,18 +92,22 @@ class Sa2VA:
         if len(tokenizer) != self.cfg.llm.vocab_size:
             raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the embedding has {self.cfg.llm.vocab_size} rows; "
                              "the checkpoint folder is inconsistent, re-run convert.py")
-        self.template = data.get_template(self.cfg.template)
-        self.seg_id = tokenizer.token_to_id(data.SEG)
-        self.qwen = self.cfg.family != "internvl"
-        self.visual_id = tokenizer.token_to_id(data.QWEN_IMAGE_PAD if self.qwen else data.IMG_CONTEXT)
+        self.processor = data.make_processor(self.cfg, tokenizer)
+        self.template = self.processor.template
         self.eos_ids = {tokenizer.eos_id} | {i for w in self.template.stop_words
                                              if (i := tokenizer.token_id_or_none(w)) is not None}
 
     @classmethod
     def from_pretrained(cls, path: str, device=None, dtype=None) -> "Sa2VA":
-        """Load a folder written by convert.py. Defaults: CUDA, else MPS, else CPU; bf16 on GPU, fp32 on CPU."""
+        """Load a folder written by convert.py, or an official Hugging Face Sa2VA folder (converted
+        while loading; `convert.py` keeps a converted copy). Defaults: CUDA, else MPS, else CPU;
+        bf16 on GPU, fp32 on CPU."""
         device = torch.device(device) if device is not None else default_device()
         dtype = parse_dtype(dtype) or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+        if convert.is_official(path):
+            print(f"sa2va: {path} is an official checkpoint; converting it while loading "
+                  f"(`python convert.py {path} DST` keeps a converted copy)", file=sys.stderr)
+            return cls(*convert.load_official(path, device=device, dtype=dtype))
         tokenizer = Tokenizer.load(path)  # small and quick: fail before the weights are read
         return cls(load_model(path, device=device, dtype=dtype), tokenizer)
 
@@ -106,160 +119,95 @@ class Sa2VA:
     def dtype(self) -> torch.dtype:
         return self.model.llm.embed_tokens.weight.dtype
 
-    # ------------------------------------------------------------------ the MLLM side
+    # ------------------------------------------------------------------ the steps
 
-    def _tiles(self, images) -> torch.Tensor:
-        return data.to_tensor(images, self.cfg.vision.image_size).to(self.device, self.dtype)
-
-    def _internvl_image(self, image, mask_prompts) -> tuple[str, torch.Tensor]:
-        """(image token string, visual rows) for one image, with <vp> regions if given."""
-        tiles = data.dynamic_tiles(image, self.cfg.vision.image_size)
-        feats = self.model.encode_tiles(self._tiles(tiles))  # (n_tiles, tpt, D)
-        token_str = data.image_token_string([feats.shape[0] * feats.shape[1]])
-        rows = [feats.flatten(0, 1)]
-        if mask_prompts is not None:
-            regions = self._region_masks(mask_prompts, image.size)  # (n, side, side) bool
-            token_str += data.vp_string(regions.flatten(1).sum(1).tolist())
-            last = feats[-1]  # the thumbnail, or the only tile
-            rows += [last[r.flatten()] for r in regions.to(self.device)]
-        return token_str, torch.cat(rows)
-
-    def _region_masks(self, mask_prompts, size) -> torch.Tensor:
-        if isinstance(mask_prompts, (list, tuple)):
-            if len(mask_prompts) != 1:
-                raise ValueError(f"mask_prompts has {len(mask_prompts)} entries; give one (n_regions, H, W) array for the one image")
-            mask_prompts = mask_prompts[0]
-        m = np.asarray(mask_prompts)
-        W, H = size
-        if m.ndim == 2:
-            m = m[None]
-        if m.ndim != 3 or m.shape[0] == 0:
-            raise ValueError(f"mask_prompts must be (n_regions, H, W), got shape {m.shape}")
-        if m.shape[1:] != (H, W):
-            raise ValueError(f"mask_prompts are {m.shape[1]}x{m.shape[2]} but the image is {H}x{W}; give masks of the image's size")
-        side = self.cfg.vision.grid // 2
-        # Nearest resize to the token grid, as the reference (F.interpolate 'nearest').
-        small = F.interpolate(torch.from_numpy(m.astype(np.float32))[None], size=(side, side), mode="nearest")[0]
-        return small > 0
-
-    def _qwen_images(self, images) -> tuple[str, torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """Qwen-VL: each image a <|vision_start|><|image_pad|>*n<|vision_end|> block (frames too)."""
-        from qwen_processing import qwen_image_inputs
-        pixels, grid = qwen_image_inputs([data.load_image(im) for im in images], data.qwen_image_spec(self.cfg))
-        visual, deepstack = self.model.encode_qwen(pixels.to(self.device, self.dtype), grid.to(self.device))
-        merge = self.cfg.vision.spatial_merge_size ** 2
-        token_str = "".join(data.qwen_image_string(int(n) // merge) for n in grid.prod(-1))
-        return token_str, visual, deepstack, grid
-
-    def _start_turn(self, image, video, mask_prompts, key_frames) -> tuple[Conversation, str]:
-        """A new conversation for this image or video and its visual token string."""
+    @torch.inference_mode()
+    def encode_media(self, image=None, video=None, mask_prompts=None, key_frames: str = "first") -> Conversation:
+        """A new conversation about an image (path, PIL image or uint8 array; optional `<vp>`
+        regions) or a video (file, frame folder or list of frames): the processor's inputs for it
+        and the vision tower's output, computed once for every turn that follows."""
+        if (image is None) == (video is None):
+            raise ValueError("give an image or a video, not both or neither")
+        if mask_prompts is not None and (image is None or self.cfg.family != "internvl"):
+            raise ValueError("mask_prompts (<vp> regions) need an image and an InternVL-family model")
         if image is not None:
             image = data.load_image(image)
-            if self.qwen:
-                token_str, visual, deepstack, grid = self._qwen_images([image])
-                return Conversation(visual=visual, deepstack=deepstack, grid_thw=grid, image=image), token_str
-            token_str, visual = self._internvl_image(image, mask_prompts)
-            return Conversation(visual=visual, image=image), token_str
-        video = video if isinstance(video, data.Video) else data.Video(video)
-        keys = data.key_frame_indices(len(video), NUM_VIDEO_KEY_FRAMES, key_frames)
-        frames = [video.frame(t, keep=True) for t in keys]
-        if self.qwen:
-            token_str, visual, deepstack, grid = self._qwen_images(frames)
-            return Conversation(visual=visual, deepstack=deepstack, grid_thw=grid, video=video, key_frames=keys), token_str
-        feats = self.model.encode_tiles(self._tiles(frames))  # (K, tpt, D)
-        token_str = data.image_token_string([feats.shape[1]] * len(frames))
-        return Conversation(visual=feats.flatten(0, 1), video=video, key_frames=keys), token_str
+            media = self.processor.media(image=image, regions=self._one_region_set(mask_prompts))
+            keys = []
+        else:
+            video = video if isinstance(video, data.Video) else data.Video(video)
+            keys = data.key_frame_indices(len(video), NUM_KEY_FRAMES, key_frames)
+            media = self.processor.media(frames=[video.frame(t, keep=True) for t in keys])
+        grid = None if media.grid_thw is None else media.grid_thw.to(self.device)
+        vision = self.model.vision(media.pixel_values.to(self.device, self.dtype), grid)
+        return Conversation(media=media, vision=vision, image=image, video=video, key_frames=keys)
 
-    # ------------------------------------------------------------------ predict
-
-    def _turn(self, text, image, video, mask_prompts, key_frames, history) -> tuple[Conversation, str]:
-        """The conversation this turn belongs to and the full prompt text up to the answer."""
-        if image is not None and video is not None:
-            raise ValueError("give an image or a video, not both")
-        if mask_prompts is not None and (image is None or self.qwen):
-            raise ValueError("mask_prompts (<vp> regions) need an image and an InternVL-family model")
-        if history is not None and history.text and (image is not None or video is not None):
-            raise ValueError("a follow-up turn reuses the conversation's image or video; start a new conversation for new media")
-        if "<image>" in text and image is None and video is None:
-            raise ValueError("the prompt has '<image>' but no image or video was given")
-        if image is not None or video is not None:
-            conv, token_str = self._start_turn(image, video, mask_prompts, key_frames)
-            return conv, self._format(text, token_str, first_turn=True)
-        conv = history if history is not None else Conversation()
-        return conv, conv.text + self._format(text, "", first_turn=not conv.text)
-
-    def _format(self, text: str, token_str: str, first_turn: bool) -> str:
-        if self.qwen:
-            return data.format_qwen_turn(text, token_str, self.cfg.system_prompt if first_turn else None)
-        return data.format_turn(self.cfg.template, text, token_str)
-
-    def _run_llm(self, prompts: list[str], convs: list[Conversation], answers: list[str] | None,
-                 gen: GenerationConfig) -> list[tuple[list[int], torch.Tensor, torch.Tensor]]:
-        """One left-padded LLM batch. Per row: (answer tokens, the tokens that were fed back, their
-        hidden states); generation never feeds back its last token, teacher forcing feeds all."""
-        rows = [self.tok.encode(p, add_bos=not self.qwen) for p in prompts]
+    def build_inputs(self, convs: list[Conversation], texts: list[str],
+                     answers: list[str] | None = None) -> tuple[ModelInputs, list[data.Sample]]:
+        """One left-padded batch: each conversation's history plus a user turn (and, if given,
+        its answer, teacher-forced). Returns the model inputs and the per-row samples."""
+        samples = [self.processor([(text, None if answers is None else answers[i])], conv.media, history=conv.text)
+                   for i, (conv, text) in enumerate(zip(convs, texts))]
         context = self.cfg.llm.context_length
-        for r in rows:
-            if context is not None and len(r) >= context:
-                raise ValueError(f"the prompt has {len(r)} tokens but the model's context is {context}; "
+        for s in samples:
+            if context is not None and len(s.input_ids) >= context:
+                raise ValueError(f"the prompt has {len(s.input_ids)} tokens but the model's context is {context}; "
                                  "use a shorter text, a smaller image or fewer frames")
-        n_prompt = [len(r) for r in rows]
-        if answers is not None:
-            extra = [self.tok.encode(a, add_bos=False) for a in answers]
-            if not all(extra):
-                raise ValueError("an answer is empty; give the text to segment, e.g. 'Sure, [SEG].'")
-            rows = [r + e for r, e in zip(rows, extra)]
-        B, L = len(rows), max(len(r) for r in rows)
-        if context is not None and answers is None:
-            gen = dataclasses.replace(gen, max_new_tokens=min(gen.max_new_tokens, context - L))
-        ids = torch.zeros(B, L, dtype=torch.long, device=self.device)
-        key_mask = torch.zeros(B, L, dtype=torch.bool, device=self.device)
-        for b, r in enumerate(rows):  # left padding: every row ends at the last column
-            ids[b, L - len(r):] = torch.tensor(r, device=self.device)
-            key_mask[b, L - len(r):] = True
-        visual = [c.visual for c in convs if c.visual is not None]
-        embeds = self.model.embed(ids, torch.cat(visual) if visual else None, self.visual_id)
-        visual_mask = (ids == self.visual_id) & key_mask
-        depth = max(len(c.deepstack) for c in convs)
-        deepstack = [torch.cat([c.deepstack[k] for c in convs if c.deepstack]) for k in range(depth)] or None
-        if self.qwen:
-            from qwen_processing import qwen_rope_index
-            grids = [c.grid_thw for c in convs if c.grid_thw is not None]
-            pos, _ = qwen_rope_index(ids.cpu(), torch.cat(grids) if grids else None, self.visual_id,
-                                     self.tok.token_to_id(data.QWEN_VISION_START), self.cfg.vision.spatial_merge_size,
-                                     attention_mask=key_mask.cpu(), image_temporal_stride=int(self.cfg.family == "qwen3_vl"))
-            pos = pos.to(self.device)
-        else:
-            pos = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
-        mask = None if bool(key_mask.all()) else key_mask
-        prenorm = self.cfg.seg_hidden_prenorm
+        return data.collate(samples, pad="left").to(self.device, self.dtype), samples
+
+    @torch.inference_mode()
+    def run_llm(self, inputs: ModelInputs, samples: list[data.Sample], convs: list[Conversation],
+                generation: GenerationConfig | None) -> list[tuple[list[int], torch.Tensor]]:
+        """The LLM on one batch: generation (greedy or sampled) after each prompt, or, with
+        generation=None, the model's forward over the teacher-forced answers in the inputs.
+        Per row: the answer's tokens and the SAM-2 prompts (N, seg_dim) of its [SEG] tokens."""
+        vision = self._batch_vision(convs)
         out = []
-        if answers is None:
-            for g in generate(self.model.llm, embeds, pos, mask, gen, self.eos_ids, decode=self.tok.decode,
-                              prenorm_hidden=prenorm, deepstack=deepstack, visual_mask=visual_mask):
-                out.append((g.tokens, g.tokens[:-1], g.hidden))
-        else:
-            h_post, h_pre = self.model.llm(embeds, pos, mask, deepstack=deepstack, visual_mask=visual_mask)
-            h = h_pre if prenorm else h_post
-            for b, r in enumerate(rows):
-                tokens = r[n_prompt[b]:]
-                out.append((tokens, tokens, h[b, L - len(tokens):]))
+        if generation is None:
+            prompts = self.model(inputs, vision=vision, logits=False).seg_prompts.split([s.num_seg for s in samples])
+            for s, p in zip(samples, prompts):
+                tokens = s.input_ids[s.answer[0]:s.answer[1]].tolist()
+                out.append((tokens, p[len(p) - tokens.count(self.cfg.seg_token_id):]))  # the answer's are last
+            return out
+        longest = inputs.input_ids.shape[1]
+        if self.cfg.llm.context_length is not None:
+            generation = dataclasses.replace(generation, max_new_tokens=min(generation.max_new_tokens,
+                                                                            self.cfg.llm.context_length - longest))
+        embeds, deepstack, visual_mask = self.model.embed_inputs(inputs, vision)
+        for g in generate(self.model.llm, embeds, inputs.positions, inputs.key_mask, generation, self.eos_ids,
+                          decode=self.tok.decode, prenorm_hidden=self.cfg.seg_hidden_prenorm, deepstack=deepstack,
+                          visual_mask=visual_mask):
+            fed = g.tokens[:-1]  # generation never feeds back its last token
+            rows = [i for i, t in enumerate(fed) if t == self.cfg.seg_token_id]
+            out.append((g.tokens, self.model.text_hidden_fcs(g.hidden[rows])))
         return out
 
-    def _finish(self, prompt: str, conv: Conversation, tokens, fed, hidden) -> tuple[Prediction, torch.Tensor]:
-        """The answer text, the next turn's history and the SAM-2 prompts of its [SEG] tokens."""
-        answer_text = self._strip_stop(self.tok.decode(tokens))
-        history = Conversation(prompt + answer_text + self.template.stop_words[0] + "\n", conv.visual, conv.deepstack,
-                               conv.grid_thw, conv.image, conv.video, conv.key_frames)
-        seg_rows = [i for i, t in enumerate(fed) if t == self.seg_id]
-        if conv.image is None and conv.video is None:
-            seg_rows = []  # text-only conversation: nothing to segment
-        prompts = self.model.text_hidden_fcs(hidden[seg_rows]).to(self.dtype)  # (N, 256)
-        return Prediction(answer_text, [], gcg_phrases(answer_text, len(seg_rows)), history), prompts
+    @torch.inference_mode()
+    def segment(self, conv: Conversation, prompts: torch.Tensor, progress: bool = False) -> list[np.ndarray]:
+        """Masks of the conversation's image or video for SAM-2 prompts (N, seg_dim): one bool
+        array (T, H, W) per prompt, at the media's size."""
+        if not len(prompts):
+            return []
+        bridge = self.model.grounding
+        W, H = conv.media.size
+        prompts = prompts.to(self.dtype)
+        if conv.image is not None:
+            queries = torch.stack([torch.arange(len(prompts)), torch.zeros(len(prompts), dtype=torch.long)], -1)
+            logits = self.model.decode_masks(conv.media.sam2_frames.to(self.device), prompts, queries.to(self.device))
+            return [m[None] for m in bridge.postprocess(logits, (H, W)).cpu().numpy()]
+        video, size = conv.video, self.cfg.sam2.image_size
+        T = len(video)
+        frame = lambda t: bridge.normalize(data.sam2_frames([video.frame(t)], size).to(self.device))[0]  # noqa: E731
+        memory = bridge.condition(frame, prompts, cond_frames=conv.key_frames, num_frames=T)
+        masks = np.zeros((prompts.shape[0], T, H, W), dtype=bool)
+        steps = bridge.propagate(frame, memory)
+        if progress:
+            steps = tqdm(steps, total=T, desc="SAM-2 propagation", unit="frame")
+        for t, logits in steps:
+            masks[:, t] = bridge.postprocess(logits, (H, W)).cpu().numpy()
+        return list(masks)
 
-    def _generation(self, max_new_tokens, temperature, top_p, seed) -> GenerationConfig:
-        return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                stop_words=self.template.stop_words, seed=seed)
+    # ------------------------------------------------------------------ predict
 
     @torch.inference_mode()
     def predict(self, image=None, video=None, text: str = "", mask_prompts=None, answer: str | None = None,
@@ -272,12 +220,19 @@ class Sa2VA:
         given answer teacher-forced. history= continues a conversation (same image/video).
         key_frames: 'first' (official: the first 5 frames) or 'uniform' (5 evenly spaced).
         """
-        conv, prompt = self._turn(text, image, video, mask_prompts, key_frames, history)
-        (tokens, fed, hidden), = self._run_llm([prompt], [conv], None if answer is None else [answer],
-                                               self._generation(max_new_tokens, temperature, top_p, seed))
-        pred, prompts = self._finish(prompt, conv, tokens, fed, hidden)
-        if len(prompts):
-            pred.masks = self._segment(conv, prompts, progress)
+        if history is not None and history.text and (image is not None or video is not None):
+            raise ValueError("a follow-up turn reuses the conversation's image or video; start a new conversation for new media")
+        if image is not None or video is not None:
+            conv = self.encode_media(image, video, mask_prompts, key_frames)
+        elif mask_prompts is not None:
+            raise ValueError("mask_prompts (<vp> regions) need an image and an InternVL-family model")
+        else:
+            conv = history if history is not None else Conversation()
+        inputs, samples = self.build_inputs([conv], [text], None if answer is None else [answer])
+        generation = None if answer is not None else self._generation(max_new_tokens, temperature, top_p, seed)
+        (tokens, prompts), = self.run_llm(inputs, samples, [conv], generation)
+        pred = self._finish(conv, samples[0], tokens, prompts, teacher_forced=answer is not None)
+        pred.masks = self.segment(conv, prompts, progress)
         return pred
 
     @torch.inference_mode()
@@ -291,28 +246,56 @@ class Sa2VA:
         if len(images) != len(texts) or (answers is not None and len(answers) != len(texts)):
             raise ValueError(f"predict_batch got {len(images)} images, {len(texts)} texts"
                              f"{'' if answers is None else f', {len(answers)} answers'}; give one of each per request")
-        started: dict[int, tuple[Conversation, str]] = {}
-        turns = []
-        for image, text in zip(images, texts):
+        started: dict[int, Conversation] = {}
+        for image in images:
             if image is None:
                 raise ValueError("predict_batch needs an image for every request; use predict() for text-only turns")
             if id(image) not in started:
-                started[id(image)] = self._start_turn(image, None, None, "first")
-            conv, token_str = started[id(image)]
-            turns.append((conv, self._format(text, token_str, first_turn=True)))
-        outs = self._run_llm([p for _, p in turns], [c for c, _ in turns], answers, self._generation(max_new_tokens, 0.0, 1.0, None))
+                started[id(image)] = self.encode_media(image=image)
+        convs = [started[id(image)] for image in images]
+        inputs, samples = self.build_inputs(convs, texts, answers)
+        generation = None if answers is not None else self._generation(max_new_tokens, 0.0, 1.0, None)
+        outs = self.run_llm(inputs, samples, convs, generation)
         preds, by_image = [], {}
-        for (conv, prompt), (tokens, fed, hidden) in zip(turns, outs):
-            pred, prompts = self._finish(prompt, conv, tokens, fed, hidden)
+        for conv, sample, (tokens, prompts) in zip(convs, samples, outs):
+            pred = self._finish(conv, sample, tokens, prompts, teacher_forced=answers is not None)
             preds.append(pred)
             by_image.setdefault(id(conv), (conv, []))[1].append((pred, prompts))
         for conv, items in by_image.values():  # one SAM-2 pass per image for all its objects
-            prompts = torch.cat([p for _, p in items])
-            if len(prompts):
-                masks = self._segment(conv, prompts, progress=False)
-                for pred, p in items:
-                    pred.masks, masks = masks[:len(p)], masks[len(p):]
+            masks = self.segment(conv, torch.cat([p for _, p in items]))
+            for pred, p in items:
+                pred.masks, masks = masks[:len(p)], masks[len(p):]
         return preds
+
+    # ------------------------------------------------------------------ helpers
+
+    def _one_region_set(self, mask_prompts):
+        if isinstance(mask_prompts, (list, tuple)):
+            if len(mask_prompts) != 1:
+                raise ValueError(f"mask_prompts has {len(mask_prompts)} entries; give one (n_regions, H, W) array for the one image")
+            return mask_prompts[0]
+        return mask_prompts
+
+    def _batch_vision(self, convs: list[Conversation]) -> VisionOutput | None:
+        """The vision outputs of a batch's conversations, concatenated in row order (as collate does)."""
+        outs = [c.vision for c in convs if c.vision is not None]
+        if not outs:
+            return None
+        return torch.cat([v for v, _ in outs]), [torch.cat(layer) for layer in zip(*(d for _, d in outs))]
+
+    def _finish(self, conv: Conversation, sample: data.Sample, tokens: list[int], prompts: torch.Tensor,
+                teacher_forced: bool) -> Prediction:
+        """The answer text and the conversation for the next turn; prompts are dropped for a text-only turn."""
+        text = self._strip_stop(self.tok.decode(tokens))
+        history_text = sample.text if teacher_forced else sample.text + text + self.template.suffix + self.template.sep
+        history = Conversation(history_text, conv.media, conv.vision, conv.image, conv.video, conv.key_frames)
+        if conv.media is None:
+            prompts = prompts[:0]  # text-only conversation: nothing to segment
+        return Prediction(text, [], gcg_phrases(text, len(prompts)), history)
+
+    def _generation(self, max_new_tokens, temperature, top_p, seed) -> GenerationConfig:
+        return GenerationConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                stop_words=self.template.stop_words, seed=seed)
 
     def _strip_stop(self, text: str) -> str:
         for w in self.template.stop_words:
@@ -320,42 +303,8 @@ class Sa2VA:
                 return text[: -len(w)]
         return text
 
-    # ------------------------------------------------------------------ the SAM-2 side
-
-    def _segment(self, conv: Conversation, prompts: torch.Tensor, progress: bool) -> list[np.ndarray]:
-        bridge = self.model.grounding
-        if conv.image is not None:
-            W, H = conv.image.size
-            feats = bridge.image_features(bridge.preprocess([conv.image]))
-            logits = bridge.decode_with_prompt(feats, prompts).logits  # (N, 1, h, w)
-            return [m[None] for m in bridge.postprocess(logits, (H, W)).cpu().numpy()]
-        video = conv.video
-        W, H = video.size
-        T = len(video)
-        frame = lambda t: bridge.preprocess([video.frame(t)])[0]  # noqa: E731
-        memory = bridge.condition(frame, prompts, cond_frames=conv.key_frames, num_frames=T)
-        masks = np.zeros((prompts.shape[0], T, H, W), dtype=bool)
-        steps = bridge.propagate(frame, memory)
-        if progress:
-            from tqdm import tqdm
-            steps = tqdm(steps, total=T, desc="SAM-2 propagation", unit="frame")
-        for t, logits in steps:
-            masks[:, t] = bridge.postprocess(logits, (H, W)).cpu().numpy()
-        return list(masks)
-
 
 # ----------------------------------------------------------------------------- outputs
-
-def rle_encode(mask: np.ndarray) -> dict:
-    """COCO uncompressed RLE of a (H, W) bool mask: column-major runs, starting with zeros."""
-    flat = np.asarray(mask, dtype=np.uint8).flatten(order="F")
-    change = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat.size and flat[0] == 1:
-        counts = [0] + counts
-    return {"size": list(mask.shape), "counts": counts}
-
 
 COLORS = np.array([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48], [145, 30, 180]], np.uint8)
 
@@ -374,15 +323,15 @@ def check_out_dir(out_dir: str):
 
 
 def write_outputs(out_dir: str, pred: Prediction, image=None, video: data.Video | None = None):
-    """Masks as PNGs, an overlay and result.json, written to a temporary folder then moved into place."""
-    from PIL import Image
+    """Masks as PNGs, an overlay and result.json (masks as compressed COCO RLE), written to a
+    temporary folder then moved into place."""
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".sa2va-", dir=parent)
     try:
         result = {"text": pred.text, "objects": []}
         for k, m in enumerate(pred.masks):
-            obj = {"phrase": pred.phrases[k] if k < len(pred.phrases) else "", "masks": [rle_encode(f) for f in m]}
+            obj = {"phrase": pred.phrases[k] if k < len(pred.phrases) else "", "masks": [data.rle_encode(f) for f in m]}
             result["objects"].append(obj)
             for t, f in enumerate(m):
                 name = f"mask_{k}.png" if image is not None else f"mask_{k}_{t:05d}.png"
@@ -403,7 +352,6 @@ def write_outputs(out_dir: str, pred: Prediction, image=None, video: data.Video 
 
 
 def _write_overlay_video(path: str, video: data.Video, masks: list[np.ndarray]):
-    import av
     W, H = video.size
     with av.open(path, "w") as c:
         s = c.add_stream("libx264", rate=10)
@@ -418,73 +366,48 @@ def _write_overlay_video(path: str, video: data.Video, masks: list[np.ndarray]):
 
 # ----------------------------------------------------------------------------- CLI
 
-def self_check(out_dir: str | None = None, family: str = "internvl"):
-    """The main job until trained weights are at hand: a tiny random-weight checkpoint in the
-    official layout goes through convert.py, loading and predict() on an image and a video."""
-    import time
-
-    import convert
-    from debug_checkpoint import debug_checkpoint
-    from model.sam2_bridge import SAM2Config
-    print(f"self-check: a tiny RANDOM-weight Sa2VA ({family} family); its answers and masks are noise, the plumbing is real")
-    with tempfile.TemporaryDirectory() as tmp:
-        official, ours = os.path.join(tmp, "official"), os.path.join(tmp, "ours")
-        debug_checkpoint(official, family, shards=2)
-        convert.convert(official, ours, sam2=SAM2Config.debug())
-        model = Sa2VA.from_pretrained(ours)
-        yy, xx = np.mgrid[:240, :320]
-        frames = [np.stack([(xx + 8 * t) % 256, yy % 256, np.full_like(xx, 128)], -1).astype(np.uint8) for t in range(8)]
-        t0 = time.perf_counter()
-        chat = model.predict(image=frames[0], text="<image>\nWhat is in the image?", max_new_tokens=16)
-        print(f"  chat ({time.perf_counter() - t0:.2f}s): {chat.text!r}")
-        t0 = time.perf_counter()
-        img = model.predict(image=frames[0], text="<image>\nPlease segment the stripes.", answer="Sure, [SEG].")
-        assert len(img.masks) == 1 and img.masks[0].shape == (1, 240, 320), [m.shape for m in img.masks]
-        print(f"  image ({time.perf_counter() - t0:.2f}s): {len(img.masks)} mask of shape {img.masks[0].shape}")
-        t0 = time.perf_counter()
-        vid = model.predict(video=frames, text="<image>\nPlease segment both stripes.", answer="<p>one</p> [SEG] and <p>two</p> [SEG].")
-        assert len(vid.masks) == 2 and all(m.shape == (8, 240, 320) for m in vid.masks), [m.shape for m in vid.masks]
-        print(f"  video ({time.perf_counter() - t0:.2f}s): {len(vid.masks)} objects {vid.phrases}, masks {vid.masks[0].shape}")
-        if out_dir:
-            write_outputs(out_dir, vid, video=vid.history.video)
-            print(f"  wrote {out_dir}")
-    print("self-check passed")
+@dataclass
+class ChatOptions:
+    model: str | None = arg(None, "folder written by convert.py, or an official Sa2VA folder")
+    image: str | None = arg(None, "image file")
+    video: str | None = arg(None, "video file or folder of frames")
+    prompt: str | None = arg(None, "question; '<image>' is prepended when missing")
+    answer: str | None = arg(None, "skip generation and segment this answer (teacher-forced)")
+    out: str | None = arg(None, "folder for masks, overlay and result.json")
+    device: str | None = arg(None, "cuda, mps or cpu (default: best available)")
+    dtype: str | None = arg(None, "bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    max_new_tokens: int = arg(2048, "longest answer in tokens")
+    key_frames: str = arg("first", "video frames the MLLM sees", choices=("first", "uniform"))
+    self_check: bool = arg(False, "run end to end on a tiny random checkpoint built on the fly")
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Chat with Sa2VA and segment images and videos.")
-    ap.add_argument("--model", help="folder written by convert.py")
-    src = ap.add_mutually_exclusive_group()
-    src.add_argument("--image", help="image file")
-    src.add_argument("--video", help="video file or folder of frames")
-    ap.add_argument("--prompt", help="question; '<image>' is prepended when missing")
-    ap.add_argument("--answer", help="skip generation and segment this answer (teacher-forced)")
-    ap.add_argument("--out", help="folder for masks, overlay and result.json")
-    ap.add_argument("--device", help="cuda, mps or cpu (default: best available)")
-    ap.add_argument("--dtype", help="bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
-    ap.add_argument("--max-new-tokens", type=int, default=2048)
-    ap.add_argument("--key-frames", default="first", choices=["first", "uniform"])
-    ap.add_argument("--self-check", action="store_true", help="run end to end on a tiny random checkpoint built on the fly")
-    args = ap.parse_args(argv)
-    if args.self_check:
-        return self_check(args.out)
-    if not args.model or not args.prompt:
-        ap.error("--model and --prompt are required (or --self-check to run on a tiny random model)")
+    opts = parse(ChatOptions, argv, "Chat with Sa2VA and segment images and videos.")
     try:
-        if args.out:
-            check_out_dir(args.out)  # before the model runs, not after
-        model = Sa2VA.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-        prompt = args.prompt
-        if (args.image or args.video) and "<image>" not in prompt:
+        if opts.out:
+            check_out_dir(opts.out)  # before the model runs, not after
+        if opts.self_check:
+            vid = self_check(Sa2VA)
+            if opts.out:
+                write_outputs(opts.out, vid, video=vid.history.video)
+                print(f"wrote {opts.out}")
+            return
+        if not opts.model or not opts.prompt:
+            raise ValueError("--model and --prompt are required (or --self-check to run on a tiny random model)")
+        if opts.image and opts.video:
+            raise ValueError("give --image or --video, not both")
+        model = Sa2VA.from_pretrained(opts.model, device=opts.device, dtype=opts.dtype)
+        prompt = opts.prompt
+        if (opts.image or opts.video) and "<image>" not in prompt:
             prompt = "<image>\n" + prompt
-        pred = model.predict(image=args.image, video=args.video, text=prompt, answer=args.answer,
-                             max_new_tokens=args.max_new_tokens, key_frames=args.key_frames, progress=True)
+        pred = model.predict(image=opts.image, video=opts.video, text=prompt, answer=opts.answer,
+                             max_new_tokens=opts.max_new_tokens, key_frames=opts.key_frames, progress=True)
         print(pred.text)
         for k, m in enumerate(pred.masks):
             print(f"object {k}: {pred.phrases[k]!r} {m.shape[0]} frame(s), {int(m.sum())} mask pixels")
-        if args.out:
-            write_outputs(args.out, pred, image=pred.history.image, video=pred.history.video)
-            print(f"wrote {args.out}")
+        if opts.out:
+            write_outputs(opts.out, pred, image=pred.history.image, video=pred.history.video)
+            print(f"wrote {opts.out}")
     except ValueError as e:
         sys.exit(f"sa2va.py: {e}")
 

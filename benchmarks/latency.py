@@ -24,6 +24,7 @@ time.perf_counter (CUDA synchronised). Each component is timed after one warm-up
 requests run once, after those (image) or after a 2-frame SAM-2 tracking warm-up (video).
 """
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -33,6 +34,7 @@ import time
 
 import numpy as np
 import torch
+from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -49,7 +51,12 @@ ONE, THREE = "Sure, [SEG].", "Sure, [SEG], [SEG] and [SEG]."
 
 
 def random_sa2va(name: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Sa2VA:
-    cfg = preset(name)
+    with tempfile.TemporaryDirectory() as tmp:
+        debug_checkpoint.write_tokenizer(tmp, preset(name).family, vocab_size=preset(name).llm.vocab_size)
+        tok = load_official_tokenizer(tmp)
+    # the padded debug tokenizer has its own ids for the visual slot and [SEG]
+    cfg = dataclasses.replace(preset(name), image_token_id=tok.token_to_id(data.image_token(preset(name).family)),
+                              seg_token_id=tok.token_to_id(data.SEG))
     torch.manual_seed(seed)
     model = build_model(cfg, "meta").to_empty(device=device)
     with torch.no_grad():
@@ -61,9 +68,6 @@ def random_sa2va(name: str, device: torch.device, dtype: torch.dtype, seed: int 
                 else:
                     p.normal_(0, 0.02)
     model = model.to(dtype).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        debug_checkpoint.write_tokenizer(tmp, cfg.family, vocab_size=cfg.llm.vocab_size)
-        tok = load_official_tokenizer(tmp)
     s = Sa2VA(model, tok)
     s.eos_ids = set()  # random weights may pick <|im_end|>; decode timing needs all its tokens
     return s
@@ -101,13 +105,13 @@ def timed(fn, device: torch.device, warmup: bool = True):
 @torch.inference_mode()
 def bench_image(s: Sa2VA, dev: torch.device, rows: list):
     image = data.load_image(synthetic_image())
-    t_vis, (conv, token_str) = timed(lambda: s._start_turn(image, None, None, "first"), dev)
+    t_vis, conv = timed(lambda: s.encode_media(image=image), dev)
     rows.append(("vision encode (1 image, preprocess + ViT + projector)", t_vis, ""))
-    prompt = s._format(PROMPT, token_str, first_turn=True)  # as Sa2VA.predict builds it
-    n_prompt = len(s.tok.encode(prompt, add_bos=not s.qwen))
+    inputs, samples = s.build_inputs([conv], [PROMPT])  # as Sa2VA.predict builds them
+    n_prompt = inputs.input_ids.shape[1]
 
     def run(n_new):  # no stop words and no EOS: exactly n_new tokens (1 = prefill only)
-        (tokens, _, _), = s._run_llm([prompt], [conv], None, GenerationConfig(max_new_tokens=n_new))
+        (tokens, _), = s.run_llm(inputs, samples, [conv], GenerationConfig(max_new_tokens=n_new))
         if len(tokens) != n_new:
             raise RuntimeError(f"generated {len(tokens)} tokens, asked for {n_new}")
     t_pre, _ = timed(lambda: run(1), dev)
@@ -116,7 +120,8 @@ def bench_image(s: Sa2VA, dev: torch.device, rows: list):
     rows.append(("LLM decode (16 tokens)", t_gen - t_pre, f"{16 / (t_gen - t_pre):.1f} tok/s"))
 
     bridge = s.model.grounding
-    t_feat, feats = timed(lambda: bridge.image_features(bridge.preprocess([image])), dev)
+    frames = data.sam2_frames([image], s.cfg.sam2.image_size).to(dev)
+    t_feat, feats = timed(lambda: bridge.image_features(bridge.normalize(frames)), dev)
     prompts = torch.randn(3, s.cfg.seg_dim, generator=torch.Generator().manual_seed(0)).to(dev, s.dtype)
     t_dec1, _ = timed(lambda: bridge.postprocess(bridge.decode_with_prompt(feats, prompts[:1]).logits, (448, 448)), dev)
     t_dec3, _ = timed(lambda: bridge.postprocess(bridge.decode_with_prompt(feats, prompts).logits, (448, 448)), dev)
@@ -131,7 +136,8 @@ def bench_image(s: Sa2VA, dev: torch.device, rows: list):
 def bench_video(s: Sa2VA, dev: torch.device, rows: list, n_frames: int = 8):
     frames = synthetic_frames(n_frames)
     bridge = s.model.grounding
-    warm = bridge.preprocess([frames[0], frames[1]])  # warm-up: one conditioning + one tracked frame
+    # warm-up: one conditioning + one tracked frame
+    warm = bridge.normalize(data.sam2_frames([Image.fromarray(f) for f in frames[:2]], s.cfg.sam2.image_size).to(dev))
     list(bridge.track(warm, torch.zeros(1, s.cfg.seg_dim, device=dev, dtype=s.dtype), cond_frames=[0]))
     t_mllm, _ = timed(lambda: s.predict(video=frames, text=PROMPT, answer="Sure."), dev, warmup=False)
     t1, p1 = timed(lambda: s.predict(video=frames, text=PROMPT, answer=ONE), dev, warmup=False)
@@ -165,7 +171,6 @@ def bench_frames(args, counts=(30, 300)):
     print(f"\nPeak RSS of one video request (1 object), model {args.frames_preset}, {args.dtype} on {args.device}:")
     print(f"{'frames':>7}{'peak RSS':>11}{'model only':>12}{'request':>10}{'masks out':>11}{'time':>9}")
     with tempfile.TemporaryDirectory() as tmp:
-        from PIL import Image
         for t, f in enumerate(synthetic_frames(max(counts))):
             Image.fromarray(f).save(os.path.join(tmp, f"{t:05d}.png"))
         for n in counts:

@@ -5,7 +5,7 @@
 
 Writes an official-layout folder with random weights one tensor at a time (never the whole
 model): two shards + model.safetensors.index.json, `vision_model.*` in bf16 and the rest in fp32
-as the release (checkpoints.md §5), config.json and a tokenizer padded to the real vocab. Then
+as the release (`convert_to_hf` saves without a global cast), config.json and a tokenizer padded to the real vocab. Then
 each step runs in a fresh Python process that reports its own VmHWM (peak RSS). Not ru_maxrss:
 Linux carries the forking parent's high-water mark across exec, so a child of this (large)
 process would report at least the parent's peak. A thread in the child samples
@@ -29,6 +29,11 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import convert  # noqa: E402
+import debug_checkpoint  # noqa: E402
+from model.checkpoint import write_safetensors  # noqa: E402
+from model.config import preset  # noqa: E402
+
 GB = 1e9
 
 # Each step is the literal code a child runs; SRC, OUT, OUT_BF16 are folders.
@@ -38,6 +43,8 @@ STEPS = {
     "convert": "import convert; convert.convert(SRC, OUT)",
     "convert dtype=bf16": "import convert, torch; convert.convert(SRC, OUT_BF16, dtype=torch.bfloat16)",
     "load_model (ours)": "from model.checkpoint import load_model; sd = load_model(OUT).state_dict()",
+    # what Sa2VA.from_pretrained does with an official folder: convert while streaming, nothing written
+    "load_official (official)": "import convert; model, tok = convert.load_official(SRC); sd = model.state_dict()",
     # what Sa2VA.from_pretrained does on CPU: fp32, so the bf16 ViT is copied
     "load_model dtype=fp32": "from model.checkpoint import load_model; import torch\n"
                              "sd = load_model(OUT, dtype=torch.float32).state_dict()",
@@ -90,9 +97,6 @@ def folder_bytes(path: str) -> int:
 
 def write_random_official(dst: str, cfg, seed: int = 0) -> int:
     """Official Sa2VA folder with random weights, streamed; returns the largest tensor's bytes."""
-    import convert
-    import debug_checkpoint
-    from model.checkpoint import write_safetensors
     specs = [(k, torch.bfloat16 if k.startswith("vision_model.") else torch.float32, shape)
              for k, shape in sorted(convert.official_shapes(cfg).items())]
     nbytes = [torch.Size(s).numel() * d.itemsize for _, d, s in specs]
@@ -125,7 +129,6 @@ def main():
     ap.add_argument("--workdir", default=None, help="where to write the checkpoints (default: a temp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the written checkpoints")
     args = ap.parse_args()
-    from model.config import preset
     cfg = preset(args.preset)
     work = args.workdir or tempfile.mkdtemp(prefix="sa2va-mem-")
     src, out, out_bf16 = (os.path.join(work, n) for n in ("official", "ours", "ours-bf16"))
@@ -138,7 +141,8 @@ def main():
             print(f"  measured {name}: {results[name]['peak'] / GB:.2f} GB", flush=True)
         sizes = {"official": folder_bytes(src), "ours": folder_bytes(out), "ours bf16": folder_bytes(out_bf16)}
         disk = {"import torch (baseline)": None, "import convert (imports)": None, "convert": "official",
-                "convert dtype=bf16": "official", "load_model (ours)": "ours", "load_model dtype=fp32": "ours",
+                "convert dtype=bf16": "official", "load_model (ours)": "ours", "load_official (official)": "official",
+                "load_model dtype=fp32": "ours",
                 "naive load_file (official)": "official"}
         base = results["import torch (baseline)"]["peak"]
         print(f"\nsize on disk: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in sizes.items())

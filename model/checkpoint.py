@@ -151,20 +151,26 @@ def model_shapes(cfg: Sa2VAConfig) -> dict[str, tuple]:
 
 
 def load_model(path: str, device="cpu", dtype: torch.dtype | None = None) -> Sa2VAModel:
-    """Build on meta, read every tensor (cast to dtype if given) and assign strictly."""
+    """A folder of ours: build on meta, read every tensor (cast to dtype if given), assign strictly."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.isfile(cfg_path):
         raise ValueError(f"{path} has no config.json; is it a folder written by convert.py?")
     cfg = Sa2VAConfig.load(cfg_path)
-    model = build_model(cfg)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     f = SafetensorsReader(os.path.join(path, "model.safetensors"))
-    check_keys(expected, {k: f.shape(k) for k in f.keys()}, f"{path}/model.safetensors")
+    check_keys(model_shapes(cfg), {k: f.shape(k) for k in f.keys()}, f"{path}/model.safetensors")
+    return load_tensors(cfg, ((k, f.read(k)) for k in f.keys()), device, dtype, f"{path}/model.safetensors")
+
+
+def load_tensors(cfg: Sa2VAConfig, tensors: Iterable[tuple[str, torch.Tensor]], device="cpu",
+                 dtype: torch.dtype | None = None, what: str = "checkpoint") -> Sa2VAModel:
+    """Build on meta and assign every (name, tensor) strictly, each cast to dtype (if floating)
+    and moved to device as it arrives, so at most one extra tensor is held at a time."""
+    model = build_model(cfg)
     sd = {}
-    for k in f.keys():  # read into fresh memory one tensor at a time; casts free the original at once
-        t = f.read(k)
+    for k, t in tensors:
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         sd[k] = t.to(device)
+    check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, {k: tuple(v.shape) for k, v in sd.items()}, what)
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()

@@ -5,6 +5,7 @@ or when the decoded text ends with a stop word (after deleting '\\r' and '\\n', 
 StopWordStoppingCriteria does), and keep the last-layer hidden state of every fed token so the
 `[SEG]` bridge can read it. Adds what the official path lacks: sampling and batches.
 """
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -47,8 +48,9 @@ def _sample(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator | 
 
 @torch.inference_mode()
 def generate(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None,
-             cfg: GenerationConfig, eos_ids: set[int], decode=None, prenorm_hidden: bool = False,
-             deepstack=None, visual_mask=None) -> list[Generated]:
+             cfg: GenerationConfig, eos_ids: set[int], decode: Callable[[list[int]], str] | None = None,
+             prenorm_hidden: bool = False, deepstack: list[torch.Tensor] | None = None,
+             visual_mask: torch.Tensor | None = None) -> list[Generated]:
     """Generate for a left-padded batch.
 
     embeds (B, L, D) prompt embeddings; positions (B, L) or (3, B, L); key_mask (B, L) bool with

@@ -1,46 +1,16 @@
-"""InternViT and the InternVL projector (pixel shuffle + `mlp1`).
+"""InternViT and the InternVL projector (pixel shuffle + `mlp1`), composed as the InternVL vision path.
 
 Reproduces OpenGVLab's `InternVisionModel` (modeling_intern_vit.py) in the two shapes Sa2VA
 ships: InternViT-300M (LayerNorm, qkv bias) and InternViT-6B (RMSNorm, qk-norm over the whole
 width, no qkv bias; Sa2VA-26B), and InternVL-Chat's `pixel_shuffle` (ps_version v2) + `mlp1`.
 Deviation: no drop-path and no flash-attention branch; SDPA computes the same attention.
 """
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.config import InternViTConfig
 from model.llm import RMSNorm
-
-
-@dataclass
-class InternViTConfig:
-    hidden_size: int = 1024
-    n_layers: int = 24
-    n_heads: int = 16
-    intermediate_size: int = 4096
-    image_size: int = 448
-    patch_size: int = 14
-    qkv_bias: bool = True
-    qk_norm: bool = False
-    norm_type: str = "layer_norm"  # "layer_norm" (300M) or "rms_norm" (6B)
-    norm_eps: float = 1e-6
-    downsample_ratio: float = 0.5
-
-    def __post_init__(self):
-        if self.norm_type not in ("layer_norm", "rms_norm"):
-            raise ValueError(f"unknown InternViT norm_type {self.norm_type!r}; use 'layer_norm' or 'rms_norm'")
-        if self.downsample_ratio != 0.5:
-            raise ValueError(f"downsample_ratio {self.downsample_ratio} is unsupported; every Sa2VA checkpoint uses 0.5")
-
-    @property
-    def grid(self) -> int:  # patches per side of a tile
-        return self.image_size // self.patch_size
-
-    @property
-    def tokens_per_tile(self) -> int:  # LLM tokens per tile after the 2x2 pixel shuffle
-        return (self.grid // 2) ** 2
 
 
 def _norm(cfg: InternViTConfig, dim: int) -> nn.Module:
@@ -148,3 +118,22 @@ class InternVLProjector(nn.Module):
     def forward(self, x):
         x = pixel_shuffle(x)
         return self.fc2(F.gelu(self.fc1(self.norm(x))))
+
+
+# Matches InternVLChatModel.extract_feature (ViT, CLS dropped, pixel shuffle, mlp1).
+class InternVLVision(nn.Module):
+    def __init__(self, cfg: InternViTConfig, llm_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.vit = InternViT(cfg)
+        self.projector = InternVLProjector(cfg.hidden_size, llm_dim)
+
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Normalised tiles (N, 3, S, S) -> LLM-space tokens (N * tokens_per_tile, D), tile by tile.
+
+        The signature of every vision tower: grid_thw is the Qwen towers' and must be None here;
+        InternVL has no deepstack features, so the list is empty.
+        """
+        if grid_thw is not None:
+            raise ValueError("InternVL tiles take no grid_thw; pass pixel_values from the InternVL processor")
+        return self.projector(self.vit(pixel_values)).flatten(0, 1), []

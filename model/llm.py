@@ -5,53 +5,78 @@ Reproduces, in one module:
   * InternLM2 / InternLM2.5 (InternLM's remote `InternLM2ForCausalLM`): no biases, dynamic-NTK
     RoPE; its packed `wqkv` is unpacked into q/k/v by convert.py, so no special layer here.
   * Qwen3 (transformers `Qwen3ForCausalLM`): per-head RMSNorm on q and k before RoPE.
-  * the Qwen-VL text models: multimodal RoPE (3-D positions), Qwen2.5-VL's chunked sections or
-    Qwen3-VL's interleaved layout, and Qwen3-VL's deepstack feature injection.
+  * the Qwen-VL text models: multimodal RoPE (3-D positions, `mrope_positions` as transformers'
+    `get_rope_index`), Qwen2.5-VL's chunked sections or Qwen3-VL's interleaved layout, and
+    Qwen3-VL's deepstack feature injection.
 
 RMSNorm, rotate-half RoPE, GQA through SDPA, SwiGLU. A preallocated KV cache; batches are left
 padded and carry a key-padding mask. Single-device code: sharding and compile come from outside.
 """
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.config import LLMConfig
 
-@dataclass
-class LLMConfig:
-    vocab_size: int
-    dim: int
-    n_layers: int
-    n_heads: int
-    n_kv_heads: int
-    intermediate_size: int
-    head_dim: int = 0  # 0 means dim // n_heads
-    norm_eps: float = 1e-6
-    rope_theta: float = 1e6
-    # InternLM2 "dynamic" NTK scaling: the base grows once a sequence passes max_position_embeddings.
-    rope_dynamic_factor: float = 0.0  # 0 disables it
-    max_position_embeddings: int = 32768
-    # Multimodal RoPE, in frequency pairs (head_dim/2 in total): (t, h, w) sections.
-    mrope_section: tuple[int, ...] = ()
-    mrope_interleaved: bool = False  # Qwen3-VL interleaves t/h/w pairs; Qwen2.5-VL chunks them
-    qkv_bias: bool = False
-    qk_norm: bool = False
-    tie_embeddings: bool = False
 
-    @property
-    def context_length(self) -> int | None:
-        """Longest sequence the model was built for; None where dynamic-NTK RoPE stretches it."""
-        return None if self.rope_dynamic_factor else self.max_position_embeddings
+def mrope_positions(input_ids: torch.Tensor, image_grid_thw: torch.Tensor | None, image_token_id: int,
+                    vision_start_token_id: int, spatial_merge_size: int = 2,
+                    attention_mask: torch.Tensor | None = None,
+                    image_temporal_stride: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-D mRoPE position ids (3, B, L) and per-row deltas (B, 1), as transformers 4.57 `get_rope_index`.
 
-    def __post_init__(self):
-        if self.head_dim == 0:
-            self.head_dim = self.dim // self.n_heads
-        self.mrope_section = tuple(self.mrope_section)
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}; fix the LLM config")
-        if self.mrope_section and 2 * sum(self.mrope_section) != self.head_dim:
-            raise ValueError(f"mrope_section {self.mrope_section} must cover head_dim/2={self.head_dim // 2} frequency pairs")
+    Text tokens get t = h = w = a running index. An image with a (t, h, w) patch grid occupies
+    t*(h/m)*(w/m) consecutive `image_token_id` tokens (right after a `vision_start` token); its
+    merged token at (frame, row, col) gets t = s + stride*frame, h = s + row, w = s + col, where
+    s is the next free index; text after it restarts at the image's largest index + 1. `image_temporal_stride` only matters
+    for t > 1, which the processor never emits for images: 0 reproduces Qwen2.5-VL (a still image
+    has zero seconds per grid), 1 Qwen3-VL. Images are consumed in order across the batch.
+    Padding (attention_mask == 0) is skipped and gets position 1. delta = largest index + 1 -
+    row length, so a token appended at absolute index i has position i + delta. (transformers 5
+    finds images through mm_token_type_ids, pads with 0 and measures delta against the unpadded
+    length; positions of real tokens are the same.)
+    """
+    B, L = input_ids.shape
+    mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+    grids = [] if image_grid_thw is None else image_grid_thw.tolist()
+    position_ids = torch.ones(3, B, L, dtype=torch.long, device=input_ids.device)
+    deltas, next_image = [], 0
+    for b in range(B):
+        ids = input_ids[b][mask[b]].tolist()
+        if not ids:
+            raise ValueError(f"row {b} of the batch is all padding; drop it before computing positions")
+        pieces, start, pos = [], 0, 0  # start: next unread token, pos: next free position index
+        n_images = sum(1 for i in range(len(ids) - 1) if ids[i] == vision_start_token_id and ids[i + 1] == image_token_id)
+        for _ in range(n_images):
+            if next_image >= len(grids):
+                raise ValueError(f"the prompts hold more images than image_grid_thw ({len(grids)} rows); "
+                                 "pass the grid of every image in prompt order")
+            t, h, w = grids[next_image]
+            next_image += 1
+            gh, gw = h // spatial_merge_size, w // spatial_merge_size
+            at = ids.index(image_token_id, start)
+            end = at
+            while end < len(ids) and ids[end] == image_token_id:
+                end += 1
+            n = t * gh * gw
+            if end - at != n:
+                raise ValueError(f"image {next_image - 1} of grid {(t, h, w)} needs {n} consecutive image tokens, "
+                                 f"the prompt has {end - at}; build the prompt from image_grid_thw")
+            pieces.append(torch.arange(at - start).expand(3, -1) + pos)
+            pos += at - start
+            tt, hh, ww = torch.meshgrid(torch.arange(t) * image_temporal_stride, torch.arange(gh), torch.arange(gw),
+                                        indexing="ij")
+            pieces.append(torch.stack([tt, hh, ww]).view(3, -1) + pos)
+            pos = int(pieces[-1].max()) + 1
+            start = at + n
+        pieces.append(torch.arange(len(ids) - start).expand(3, -1) + pos)
+        positions = torch.cat(pieces, dim=1)  # (3, n_unmasked)
+        position_ids[:, b, mask[b]] = positions.to(position_ids.device)
+        deltas.append(int(positions.max()) + 1 - L)
+    if next_image != len(grids):
+        raise ValueError(f"image_grid_thw has {len(grids)} rows but the prompts hold {next_image} images; "
+                         "give one grid row per image")
+    return position_ids, torch.tensor(deltas, device=input_ids.device)[:, None]
 
 
 class RMSNorm(nn.Module):
@@ -188,7 +213,7 @@ class LLM(nn.Module):
             self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.caches: nn.ModuleList | None = None
 
-    def logits(self, h):
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
         w = self.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
         return F.linear(h, w)
 
@@ -198,8 +223,9 @@ class LLM(nn.Module):
             KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, p.dtype, p.device)
             for _ in range(self.cfg.n_layers))
 
-    def forward(self, x, positions, key_mask=None, start: int = 0, use_cache: bool = False,
-                deepstack=None, visual_mask=None):
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None = None, start: int = 0,
+                use_cache: bool = False, deepstack: list[torch.Tensor] | None = None,
+                visual_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Run the decoder on embeddings x (B, L, D).
 
         positions: (B, L) or (3, B, L) RoPE positions. key_mask: (B, S) bool, False on padding,

@@ -12,61 +12,12 @@ Deviations: the patch embedding runs as a matmul (same weights, same result up t
 rounding); attention batches equal-length windows into one SDPA call instead of
 flash-attention's varlen kernel. Images (and video frames) never attend to each other.
 """
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.config import Qwen25VisionConfig
 from model.llm import RMSNorm
-
-
-@dataclass
-class Qwen25VisionConfig:
-    depth: int = 32
-    hidden_size: int = 1280
-    num_heads: int = 16
-    intermediate_size: int = 3420
-    out_hidden_size: int = 2048  # the LLM width: 2048 (3B) or 3584 (7B)
-    patch_size: int = 14
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    window_size: int = 112  # in pixels: 112 / 14 / 2 = 4x4 merged tokens per window
-    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
-    in_channels: int = 3
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-
-    def __post_init__(self):
-        self.fullatt_block_indexes = tuple(self.fullatt_block_indexes)  # JSON round-trips give lists
-        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
-            raise ValueError(f"head_dim {self.hidden_size}/{self.num_heads} must be a multiple of 4 "
-                             "(the 2-D rotary embedding splits it into row/column halves of cos/sin pairs)")
-        if self.window_size % (self.patch_size * self.spatial_merge_size):
-            raise ValueError(f"window_size {self.window_size} must be a multiple of patch_size*spatial_merge_size")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:  # length of one flattened input patch
-        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
-
-    @property
-    def window_tokens(self) -> int:  # merged tokens per window side
-        return self.window_size // (self.patch_size * self.spatial_merge_size)
-
-    @classmethod
-    def qwen2_5_vl(cls, out_hidden_size: int = 2048) -> "Qwen25VisionConfig":
-        """Qwen2.5-VL-3B/7B-Instruct `vision_config` (both share the ViT; out 2048 for 3B, 3584 for 7B)."""
-        return cls(out_hidden_size=out_hidden_size)
-
-    @classmethod
-    def debug(cls) -> "Qwen25VisionConfig":
-        """Tiny random-weight tower for tests; real patch and window sizes so windows are exercised."""
-        return cls(depth=4, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=24,
-                   fullatt_block_indexes=(1, 3))
 
 
 def vision_positions(grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
@@ -229,8 +180,9 @@ class Qwen25VisionTower(nn.Module):
         self.blocks = nn.ModuleList(Qwen25VisionBlock(cfg) for _ in range(cfg.depth))
         self.merger = Qwen25PatchMerger(cfg)
 
-    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> torch.Tensor:
-        """Flattened patches (L, C*t*p*p) + grid_thw (n_images, 3) -> merged tokens (L/4, out_hidden_size).
+    def forward(self, pixel_values: torch.Tensor, grid_thw: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Flattened patches (L, C*t*p*p) + grid_thw (n_images, 3) -> merged tokens (L/4, out_hidden_size)
+        and no deepstack features (the signature every vision tower shares).
 
         Tokens come out image by image, each in row-major order of its 2x2-merged grid.
         """
@@ -249,4 +201,4 @@ class Qwen25VisionTower(nn.Module):
         cos, sin = (t.view(L // unit, unit, -1)[order].view(L, -1) for t in (cos, sin))
         for i, blk in enumerate(self.blocks):
             x = blk(x, cos, sin, full if i in cfg.fullatt_block_indexes else windowed)
-        return self.merger(x)[torch.argsort(order)]
+        return self.merger(x)[torch.argsort(order)], []

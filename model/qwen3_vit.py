@@ -14,63 +14,12 @@ flash-attention's varlen kernel). The position-table resampling follows 4.57: in
 weights are cast to the table's dtype before the weighted sum (transformers 5 keeps them in
 fp32), which only matters in bf16.
 """
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from model.config import Qwen3VisionConfig
 from model.qwen2_5_vit import PatchEmbed, VisionAttention, check_patches, rope_2d, segment_groups, vision_positions
-
-
-@dataclass
-class Qwen3VisionConfig:
-    depth: int = 24
-    hidden_size: int = 1024
-    num_heads: int = 16
-    intermediate_size: int = 4096
-    out_hidden_size: int = 2560  # the LLM width
-    patch_size: int = 16
-    temporal_patch_size: int = 2
-    spatial_merge_size: int = 2
-    num_position_embeddings: int = 2304  # a learned 48x48 grid
-    deepstack_visual_indexes: tuple[int, ...] = (5, 11, 17)
-    in_channels: int = 3
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-
-    def __post_init__(self):
-        self.deepstack_visual_indexes = tuple(self.deepstack_visual_indexes)  # JSON round-trips give lists
-        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
-            raise ValueError(f"head_dim {self.hidden_size}/{self.num_heads} must be a multiple of 4 "
-                             "(the 2-D rotary embedding splits it into row/column halves of cos/sin pairs)")
-        if round(self.num_position_embeddings ** 0.5) ** 2 != self.num_position_embeddings:
-            raise ValueError(f"num_position_embeddings {self.num_position_embeddings} must be a square (a side x side grid)")
-        if any(not 0 <= i < self.depth for i in self.deepstack_visual_indexes):
-            raise ValueError(f"deepstack_visual_indexes {self.deepstack_visual_indexes} must lie in [0, depth={self.depth})")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def patch_dim(self) -> int:  # length of one flattened input patch
-        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
-
-    @property
-    def pos_grid(self) -> int:  # side of the learned position grid
-        return round(self.num_position_embeddings ** 0.5)
-
-    @classmethod
-    def qwen3_vl_4b(cls) -> "Qwen3VisionConfig":
-        """Qwen3-VL-4B-Instruct `vision_config`."""
-        return cls()
-
-    @classmethod
-    def debug(cls) -> "Qwen3VisionConfig":
-        """Tiny random-weight tower for tests (a 6x6 position grid, two deepstack layers)."""
-        return cls(depth=3, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=24,
-                   num_position_embeddings=36, deepstack_visual_indexes=(0, 2))
 
 
 # Matches Qwen3VLVisionMLP (gelu_pytorch_tanh).

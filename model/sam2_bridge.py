@@ -21,76 +21,26 @@ import math
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from model.config import BACKBONE_STRIDE, NUM_KEY_FRAMES, SAM2Config
 from sam2.modeling.backbones.hieradet import Hiera
 from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
 from sam2.modeling.memory_attention import MemoryAttention, MemoryAttentionLayer
 from sam2.modeling.memory_encoder import CXBlock, Fuser, MaskDownSampler, MemoryEncoder
 from sam2.modeling.position_encoding import PositionEmbeddingSine
-from sam2.modeling.sam.transformer import RoPEAttention
+from sam2.modeling.sam.mask_decoder import MaskDecoder
+from sam2.modeling.sam.prompt_encoder import PromptEncoder
+from sam2.modeling.sam.transformer import RoPEAttention, TwoWayTransformer
 from sam2.modeling.sam2_base import SAM2Base
 
-BACKBONE_STRIDE = 16  # SAM2 image embedding is 1/16 of the input side (64x64 at 1024)
-NUM_COND_FRAMES = 5  # Sa2VA conditions SAM2 on the frames its MLLM saw: the first 5
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # SAM2VideoPredictor stores spatial memories in bf16 whatever the model dtype.
 MEMORY_DTYPE = torch.bfloat16
 # A video for track(): (T, 3, S, S), a sequence of (3, S, S) frames, or t -> (3, S, S)
 Frames = Tensor | Sequence[Tensor] | Callable[[int], Tensor]
-
-
-# Reference: sam2_hiera_l.yaml / Sa2VA `SAM2.build_*` (numbers only; flags live in build_sam2).
-@dataclass(frozen=True)
-class SAM2Config:
-    embed_dim: int  # Hiera stage-1 width; doubles every stage
-    num_heads: int  # Hiera stage-1 heads; doubles every stage
-    stages: tuple[int, ...]  # blocks per stage
-    global_att_blocks: tuple[int, ...]
-    window_spec: tuple[int, ...]  # window size per stage
-    window_pos_embed_bkg_spatial_size: tuple[int, int]
-    fpn_top_down_levels: tuple[int, ...] = (2, 3)
-    d_model: int = 256  # neck / decoder / memory-attention width
-    mem_dim: int = 64  # memory-encoder output width; a pointer becomes d_model // mem_dim tokens
-    memory_attention_layers: int = 4
-    memory_attention_ffn: int = 2048
-    num_maskmem: int = 7  # 1 conditioning slot + 6 previous frames
-    max_obj_ptrs_in_encoder: int = 16
-    image_size: int = 1024
-    sigmoid_scale_for_mem_enc: float = 20.0
-    sigmoid_bias_for_mem_enc: float = -10.0
-
-    def __post_init__(self):
-        for name in ("stages", "global_att_blocks", "window_spec", "window_pos_embed_bkg_spatial_size", "fpn_top_down_levels"):
-            object.__setattr__(self, name, tuple(getattr(self, name)))  # JSON round trips give lists
-
-    @property
-    def backbone_channel_list(self) -> tuple[int, ...]:
-        # Hiera doubles the width per stage; the neck lists them deepest first
-        return tuple(self.embed_dim * 2**i for i in reversed(range(len(self.stages))))
-
-    @property
-    def grid(self) -> int:
-        return self.image_size // BACKBONE_STRIDE
-
-    @classmethod
-    def hiera_large(cls) -> "SAM2Config":
-        return cls(embed_dim=144, num_heads=2, stages=(2, 6, 36, 4), global_att_blocks=(23, 33, 43),
-                   window_spec=(8, 4, 16, 8), window_pos_embed_bkg_spatial_size=(7, 7))
-
-    @classmethod
-    def debug(cls) -> "SAM2Config":
-        # 128 px input -> 8x8 embedding, 32x32 mask logits; d_model/mem_dim as released. The global
-        # block must not open a stage: Hiera cannot q-pool a global-attention block.
-        return cls(embed_dim=8, num_heads=1, stages=(1, 1, 2, 1), global_att_blocks=(3,),
-                   window_spec=(8, 4, 4, 2), window_pos_embed_bkg_spatial_size=(4, 4),
-                   memory_attention_layers=2, memory_attention_ffn=128, image_size=128)
 
 
 class _LinspaceOnCPU(TorchFunctionMode):
@@ -104,14 +54,14 @@ class _LinspaceOnCPU(TorchFunctionMode):
 
 
 def build_sam2(cfg: SAM2Config) -> SAM2Base:
-    """Meta's SAM2Base with every flag the Sa2VA release uses (architecture.md §5.1).
+    """Meta's SAM2Base with every flag the Sa2VA release uses and every size from `cfg`.
 
     Works under `with torch.device("meta")`; the state_dict keys are those of the HF checkpoint
     minus `grounding_encoder.sam2_model.`, with `.g_weight` named `.gamma`.
     """
     d, g = cfg.d_model, cfg.grid
     with _LinspaceOnCPU():
-        trunk = Hiera(embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, stages=cfg.stages,
+        trunk = Hiera(embed_dim=cfg.embed_dim, num_heads=cfg.num_heads, q_pool=cfg.q_pool, stages=cfg.stages,
                       global_att_blocks=cfg.global_att_blocks, window_spec=cfg.window_spec,
                       window_pos_embed_bkg_spatial_size=cfg.window_pos_embed_bkg_spatial_size)
     neck = FpnNeck(position_encoding=PositionEmbeddingSine(d, warmup_cache=False), d_model=d,
@@ -119,7 +69,7 @@ def build_sam2(cfg: SAM2Config) -> SAM2Base:
                    fpn_top_down_levels=list(cfg.fpn_top_down_levels), fpn_interp_model="nearest")
 
     def rope_attention(kv_in_dim=None):
-        return RoPEAttention(embedding_dim=d, num_heads=1, downsample_rate=1, dropout=0.1,
+        return RoPEAttention(embedding_dim=d, num_heads=cfg.memory_attention_heads, downsample_rate=1, dropout=0.1,
                              rope_theta=10000.0, feat_sizes=(g, g),
                              rope_k_repeat=kv_in_dim is not None, kv_in_dim=kv_in_dim)
 
@@ -133,7 +83,7 @@ def build_sam2(cfg: SAM2Config) -> SAM2Base:
         mask_downsampler=MaskDownSampler(embed_dim=d, kernel_size=3, stride=2, padding=1,
                                          total_stride=BACKBONE_STRIDE),
         fuser=Fuser(CXBlock(dim=d, kernel_size=7, padding=3, layer_scale_init_value=1e-6,
-                            use_dwconv=True), num_layers=2))
+                            use_dwconv=True), num_layers=cfg.fuser_layers))
     model = SAM2Base(
         image_encoder=ImageEncoder(trunk=trunk, neck=neck, scalp=1),
         memory_attention=MemoryAttention(d_model=d, pos_enc_at_input=True, layer=layer,
@@ -151,11 +101,22 @@ def build_sam2(cfg: SAM2Config) -> SAM2Base:
         use_obj_ptrs_in_encoder=True, max_obj_ptrs_in_encoder=cfg.max_obj_ptrs_in_encoder,
         add_tpos_enc_to_obj_ptrs=False, only_obj_ptrs_in_the_past_for_eval=True,
         pred_obj_scores=True, pred_obj_scores_mlp=True, fixed_no_obj_ptr=True,
-        soft_no_obj_ptr=False, use_mlp_for_obj_ptr_proj=True, compile_image_encoder=False,
+        soft_no_obj_ptr=False, use_mlp_for_obj_ptr_proj=True, compile_image_encoder=False)
+    # SAM2Base._build_sam_heads hard-codes the heads' sizes (those of Hiera-L); build them again
+    # from the config so any SAM-2 size is explicit, with the flags _build_sam_heads passes.
+    model.sam_prompt_encoder = PromptEncoder(embed_dim=d, image_embedding_size=(g, g),
+                                             input_image_size=(cfg.image_size, cfg.image_size),
+                                             mask_in_chans=cfg.mask_in_chans)
+    model.sam_mask_decoder = MaskDecoder(
+        num_multimask_outputs=3, transformer_dim=d,
+        transformer=TwoWayTransformer(depth=cfg.decoder_depth, embedding_dim=d, mlp_dim=cfg.decoder_mlp_dim,
+                                      num_heads=cfg.decoder_heads),
+        iou_head_depth=cfg.iou_head_depth, iou_head_hidden_dim=cfg.iou_head_hidden_dim, use_high_res_features=True,
+        iou_prediction_use_sigmoid=True, pred_obj_scores=True, pred_obj_scores_mlp=True,
+        use_multimask_token_for_obj_ptr=True,
         # HF-only; inactive because Sa2VA always decodes with multimask_output=True
-        sam_mask_decoder_extra_args=dict(dynamic_multimask_via_stability=True,
-                                         dynamic_multimask_stability_delta=0.05,
-                                         dynamic_multimask_stability_thresh=0.98))
+        dynamic_multimask_via_stability=True, dynamic_multimask_stability_delta=0.05,
+        dynamic_multimask_stability_thresh=0.98)
     # RoPE tables are plain attributes, not buffers: rebuild them on CPU so a model built on the
     # meta device and loaded with assign=True can run (forward moves them to the input device).
     with torch.device("cpu"):
@@ -184,6 +145,10 @@ class Features:
             raise ValueError(f"features hold {len(self)} frames for {n} prompts; "
                              "pass 1 frame or one frame per prompt")
         return Features(*(x.expand(n, -1, -1, -1) for x in (self.s0, self.s1, self.embed, self.pos)))
+
+    def select(self, frames: Tensor) -> "Features":
+        """The features of frames[i] at row i (frames: (P,) long), e.g. one frame per mask query."""
+        return Features(*(x[frames] for x in (self.s0, self.s1, self.embed, self.pos)))
 
 
 class MaskOutput(NamedTuple):
@@ -230,32 +195,23 @@ class SAM2Bridge(nn.Module):
     def _param(self) -> Tensor:
         return self.sam2.no_mem_embed
 
-    def preprocess(self, frames: Sequence, bf16_stats: bool = True) -> Tensor:
-        """RGB uint8 HxWx3 arrays or PIL images -> (T, 3, S, S) normalised, in the module dtype.
+    def normalize(self, frames: Tensor, bf16_stats: bool = True) -> Tensor:
+        """uint8 frames (T, 3, S, S), already resized to S x S (data.sam2_frames) -> normalised, in the module dtype.
 
-        Resized to S x S without keeping the aspect ratio (BICUBIC), /255, ImageNet mean/std.
-        bf16_stats=True reproduces the HF remote code, whose mean/std tensors are built in bf16
-        (so e.g. std 0.229 becomes 0.2285); False gives the exact constants of the train code.
+        /255, then the config's mean/std (ImageNet). bf16_stats=True reproduces the HF remote code,
+        whose mean/std tensors are built in bf16 (so e.g. std 0.229 becomes 0.2285); False gives the
+        exact constants of the train code.
         """
+        s = self.cfg.image_size
         if len(frames) == 0:
-            raise ValueError("preprocess got no frames; pass a non-empty list of images")
-        size = self.cfg.image_size
-        out = []
-        for i, frame in enumerate(frames):
-            if isinstance(frame, np.ndarray):
-                if frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
-                    raise ValueError(f"frame {i} is {frame.dtype} {frame.shape}; "
-                                     "expected uint8 (H, W, 3) RGB")
-                frame = Image.fromarray(frame)
-            if not isinstance(frame, Image.Image) or frame.mode != "RGB":
-                raise ValueError(f"frame {i} is not an RGB image; pass uint8 HxWx3 arrays "
-                                 "or PIL images converted with .convert('RGB')")
-            resized = np.asarray(frame.resize((size, size), Image.BICUBIC))
-            out.append(torch.from_numpy(resized.copy()).permute(2, 0, 1))  # (3, S, S)
-        stats = torch.tensor([IMAGENET_MEAN, IMAGENET_STD])
+            raise ValueError("SAM-2 got no frames; pass at least one image")
+        if frames.dtype != torch.uint8 or frames.ndim != 4 or frames.shape[1:] != (3, s, s):
+            raise ValueError(f"SAM-2 frames are {frames.dtype} {tuple(frames.shape)}; expected uint8 (T, 3, {s}, {s}) "
+                             "from data.sam2_frames")
+        stats = torch.tensor([self.cfg.pixel_mean, self.cfg.pixel_std], device=frames.device)
         if bf16_stats:
             stats = stats.to(torch.bfloat16).float()
-        x = torch.stack(out).float() / 255.0
+        x = frames.float() / 255.0
         x = (x - stats[0, :, None, None]) / stats[1, :, None, None]
         return x.to(device=self._param.device, dtype=self._param.dtype)
 
@@ -264,7 +220,7 @@ class SAM2Bridge(nn.Module):
         s = self.cfg.image_size
         if images.ndim != 4 or images.shape[1:] != (3, s, s):
             raise ValueError(f"images have shape {tuple(images.shape)}; "
-                             f"expected (B, 3, {s}, {s}) from preprocess()")
+                             f"expected (B, 3, {s}, {s}) from normalize()")
         dtype = self._param.dtype
         out = self.sam2.forward_image(images.to(dtype))
         s0, s1, embed = out["backbone_fpn"]  # scalp=1 dropped stride 32; conv_s0/s1 applied
@@ -273,7 +229,7 @@ class SAM2Bridge(nn.Module):
         return Features(s0=s0, s1=s1, embed=embed.to(dtype), pos=pos.to(dtype))
 
     def decode_with_prompt(self, features: Features, prompts: Tensor) -> MaskOutput:
-        """Sa2VA's memory-less decode: one mask per 256-d `[SEG]` prompt (architecture.md §5.3).
+        """Sa2VA's memory-less decode: one mask per 256-d `[SEG]` prompt (Sa2VA `SAM2.inject_language_embd`).
 
         `features` holds either one frame (shared by all prompts) or one frame per prompt.
         """
@@ -317,7 +273,7 @@ class SAM2Bridge(nn.Module):
         self._check_prompts(prompts)
         get_frame, num_frames = self._frame_source(frames, num_frames)
         if cond_frames is None:
-            cond_frames = range(min(NUM_COND_FRAMES, num_frames))
+            cond_frames = range(min(NUM_KEY_FRAMES, num_frames))
         cond_frames = sorted(cond_frames)
         if not cond_frames or len(set(cond_frames)) < len(cond_frames) or not (
                 0 <= cond_frames[0] and cond_frames[-1] < num_frames):
@@ -372,7 +328,7 @@ class SAM2Bridge(nn.Module):
             x = fetch(t)
             if not isinstance(x, Tensor) or x.shape != (3, s, s):
                 raise ValueError(f"frame {t} is not a (3, {s}, {s}) tensor; "
-                                 "produce frames with preprocess()")
+                                 "produce frames with normalize()")
             return x
         return get_frame, num_frames
 

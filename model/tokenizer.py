@@ -2,8 +2,10 @@
 
 `Tokenizer` = `tokenizer.json` + `tokenizer_meta.json` (eos/bos and how HF decodes this family).
 `load_official_tokenizer(dir)` reads a released checkpoint's tokenizer files:
-* Qwen family: `tokenizer.json` as shipped. Every token of `added_tokens.json`, of
-  `tokenizer_config.json["added_tokens_decoder"]` and of the special-token map must sit at its HF id
+* Qwen family, and InternLM2 checkpoints that ship a fast `tokenizer.json` (whose post-processor
+  prepends `<s>`) instead of `tokenizer.model`: `tokenizer.json` as shipped. Every token of
+  `added_tokens.json`, of `tokenizer_config.json["added_tokens_decoder"]` and of the special-token
+  map must sit at its HF id
   (missing ones are appended, as HF does; any other id is an error). Decoding = the fast `decode`,
   which the slow Qwen2Tokenizer of InternVL-Qwen checkpoints matches unless skip_special_tokens=True
   (fast skips every added token flagged special, slow only the special-token map's).
@@ -212,9 +214,14 @@ def load_official_tokenizer(src: str) -> Tokenizer:
     for tok in [*named.values(), *additional]:
         if backend.token_to_id(tok) is None:
             raise ValueError(f"{src}: special token {tok!r} is in no vocabulary file")
-    if backend.encode("").ids:  # Qwen tokenizers prepend nothing; bos_id=None below relies on it
-        raise ValueError(f"{src}: tokenizer.json adds {backend.encode('').ids} to every input; not a Qwen tokenizer")
-    meta = {"decode": "fast", "eos_token": named["eos_token"], "bos_token": None,
+    # What the post-processor puts around every input: nothing (Qwen), or the BOS alone (an
+    # InternLM2 fast tokenizer, whose template prepends <s>).
+    added = backend.encode("").ids
+    bos = named.get("bos_token")
+    if added and not (bos is not None and added == [backend.token_to_id(bos)]):
+        raise ValueError(f"{src}: tokenizer.json adds {added} to every input; only a prepended bos_token "
+                         f"({bos!r}) is supported")
+    meta = {"decode": "fast", "eos_token": named["eos_token"], "bos_token": bos if added else None,
             "clean_up_tokenization_spaces": cfg.get("clean_up_tokenization_spaces", False)}
     return Tokenizer(backend, meta)
 

@@ -8,13 +8,11 @@ import torch
 from safetensors import safe_open
 
 import convert
+import sa2va
 from debug_checkpoint import debug_checkpoint
-from model.checkpoint import load_model
+from model.checkpoint import load_model, write_safetensors
 from model.config import preset, preset_names
-from model.sam2_bridge import SAM2Config
-
-SPEC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "spec")
-needs_spec = pytest.mark.skipif(not os.path.isdir(SPEC), reason="../shared/spec (the official key lists) is not beside the repo")
+from tests.conftest import official_mllm_patterns, official_sam2_keys
 
 # Preset -> (section of keys_mllm_patterns.txt, whether that section lists this preset's own dims).
 SECTIONS = {
@@ -23,20 +21,8 @@ SECTIONS = {
     "Sa2VA-InternVL3-14B": ("internvl + Qwen2 LLM", False), "Sa2VA-8B": ("internvl + InternLM2 LLM", True),
     "Sa2VA-26B": ("internvl 6B ViT + InternLM2 LLM", True), "Sa2VA-Qwen2_5-VL-3B": ("Qwen2.5-VL", True),
     "Sa2VA-Qwen2_5-VL-7B": ("Qwen2.5-VL", False), "Sa2VA-Qwen3-VL-4B": ("Qwen3-VL", True),
+    "Sa2VA-Qwen3-VL-2B": ("Qwen3-VL", False),
 }
-
-
-def read_patterns() -> dict[str, dict[str, tuple]]:
-    sections, current = {}, None
-    with open(os.path.join(SPEC, "keys_mllm_patterns.txt")) as f:
-        for line in f:
-            line = line.rstrip("\n")
-            if line.startswith("## "):
-                current = sections.setdefault(line[3:].split(" (")[0], {})
-            elif current is not None and "\t" in line:
-                key, shape = line.split("\t")
-                current[key] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
-    return sections
 
 
 def official_expected(cfg, patterns: dict[str, tuple]) -> dict[str, tuple]:
@@ -48,20 +34,15 @@ def official_expected(cfg, patterns: dict[str, tuple]) -> dict[str, tuple]:
             continue
         n = n_vit if ("vision" in key or "visual" in key) else cfg.llm.n_layers
         out.update({key.format(i=i): shape for i in range(n)})
-    with open(os.path.join(SPEC, "keys_sam2_hf.tsv")) as f:
-        for line in f:
-            if not line.startswith("#") and "\t" in line:
-                key, shape = line.rstrip("\n").split("\t")
-                out[key] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
+    out.update(official_sam2_keys())
     return out
 
 
-@needs_spec
 @pytest.mark.parametrize("name", [n for n in preset_names() if not n.startswith("debug-")])
 def test_preset_maps_one_to_one_onto_official_keys(name):
     cfg = preset(name)
     section, own_dims = SECTIONS[name]
-    expected = official_expected(cfg, read_patterns()[section])
+    expected = official_expected(cfg, official_mllm_patterns()[section])
     got = convert.official_shapes(cfg)  # built on the meta device: real shapes, no memory
     assert set(got) == set(expected), (sorted(set(expected) - set(got))[:5], sorted(set(got) - set(expected))[:5])
     vocab_rows = {k for k in got if k.endswith(("embed_tokens.weight", "tok_embeddings.weight", "lm_head.weight", "output.weight"))}
@@ -91,7 +72,7 @@ def tensors(path: str) -> dict[str, torch.Tensor]:
                                                 ("qwen2_5_vl", "qwen2", 2), ("qwen3_vl", "qwen3", 1)])
 def test_round_trip_official_ours_official_is_exact(tmp_path, family, llm, shards):
     debug_checkpoint(tmp_path / "official", family, llm=llm, shards=shards)
-    cfg = convert.convert(str(tmp_path / "official"), str(tmp_path / "ours"), sam2=SAM2Config.debug())
+    cfg = convert.convert(str(tmp_path / "official"), str(tmp_path / "ours"))
     model = load_model(str(tmp_path / "ours"))  # strict: every key present, none extra
     assert model.cfg == cfg
     convert.to_official(str(tmp_path / "ours"), str(tmp_path / "back"))
@@ -100,19 +81,20 @@ def test_round_trip_official_ours_official_is_exact(tmp_path, family, llm, shard
     for k in a:
         assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
     with open(tmp_path / "back" / "config.json") as f:
-        assert convert.config_from_official(json.load(f), SAM2Config.debug()) == cfg
+        ids = dict(image_token_id=cfg.image_token_id, seg_token_id=cfg.seg_token_id)
+        assert convert.config_from_official(json.load(f), **ids) == cfg
 
 
 def test_dtype_option_casts_floating_tensors(tmp_path):
     debug_checkpoint(tmp_path / "official")
-    convert.convert(str(tmp_path / "official"), str(tmp_path / "ours"), dtype=torch.bfloat16, sam2=SAM2Config.debug())
+    convert.convert(str(tmp_path / "official"), str(tmp_path / "ours"), dtype=torch.bfloat16)
     assert {t.dtype for t in tensors(str(tmp_path / "ours")).values() if t.is_floating_point()} == {torch.bfloat16}
 
 
 def test_to_official_like_copies_release_files(tmp_path):
     debug_checkpoint(tmp_path / "official", shards=2)
     (tmp_path / "official" / "modeling_sa2va_chat.py").write_text("# remote code\n")
-    convert.convert(str(tmp_path / "official"), str(tmp_path / "ours"), sam2=SAM2Config.debug())
+    convert.convert(str(tmp_path / "official"), str(tmp_path / "ours"))
     convert.to_official(str(tmp_path / "ours"), str(tmp_path / "back"), like=str(tmp_path / "official"))
     names = set(os.listdir(tmp_path / "back"))
     assert {"modeling_sa2va_chat.py", "tokenizer.json", "config.json", "model.safetensors"} <= names
@@ -128,7 +110,7 @@ def official(tmp_path):
 
 
 def run(official, tmp_path):
-    return convert.convert(str(official), str(tmp_path / "ours"), sam2=SAM2Config.debug())
+    return convert.convert(str(official), str(tmp_path / "ours"))
 
 
 def edit_config(official, fn):
@@ -153,8 +135,6 @@ def test_corrupt_shard(official, tmp_path):
 
 
 def test_failure_while_writing_leaves_no_partial_file(tmp_path):
-    from model.checkpoint import write_safetensors
-
     def tensors():
         yield "a", torch.zeros(2)
         raise ValueError("source shard went away")
@@ -228,11 +208,10 @@ def test_loading_is_strict(official, tmp_path):
 
 
 def test_missing_tokenizer_files(official, tmp_path):
-    import sa2va
     run(official, tmp_path)
     os.remove(tmp_path / "ours" / "tokenizer.json")
     with pytest.raises(ValueError, match="has no tokenizer.json; re-run convert.py"):
         sa2va.Sa2VA.from_pretrained(str(tmp_path / "ours"))
     os.remove(official / "tokenizer.json")
     with pytest.raises(ValueError, match="has neither tokenizer.json"):
-        convert.convert(str(official), str(tmp_path / "again"), sam2=SAM2Config.debug())
+        convert.convert(str(official), str(tmp_path / "again"))

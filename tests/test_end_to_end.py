@@ -1,4 +1,5 @@
 """End to end on tiny random official-layout checkpoints: convert, load, predict, CLI."""
+import dataclasses
 import json
 import os
 
@@ -7,14 +8,16 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from pycocotools import mask as mask_utils
 
 import convert
 import data
 import sa2va
-from debug_checkpoint import debug_checkpoint
-from model.sam2_bridge import SAM2Config
-
-H, W = 90, 130  # not square, not a multiple of anything
+from debug_checkpoint import debug_checkpoint, write_official_checkpoint
+from model.config import debug_config
+from model.generate import GenerationConfig, generate
+from model.tokenizer import load_official_tokenizer
+from tests.conftest import SP_VARIANTS, H, W, frames, train_sentencepiece, write_internlm2_folder
 
 
 @pytest.fixture(scope="module", params=[("internvl", "qwen2"), ("internvl", "internlm2"), ("qwen2_5_vl", None), ("qwen3_vl", None)],
@@ -23,18 +26,13 @@ def checkpoint(request, tmp_path_factory):
     family, llm = request.param
     root = tmp_path_factory.mktemp(family)
     debug_checkpoint(root / "official", family, llm=llm or "qwen2", shards=2)
-    convert.convert(str(root / "official"), str(root / "ours"), sam2=SAM2Config.debug())
+    convert.convert(str(root / "official"), str(root / "ours"))
     return str(root / "ours")
 
 
 @pytest.fixture(scope="module")
 def model(checkpoint):
     return sa2va.Sa2VA.from_pretrained(checkpoint)
-
-
-def frames(n=8):
-    yy, xx = np.mgrid[:H, :W]
-    return [np.stack([(xx * 2 + 9 * t) % 256, (yy * 3) % 256, np.full_like(xx, 60 + t)], -1).astype(np.uint8) for t in range(n)]
 
 
 def test_image_masks_with_forced_answer(model):
@@ -92,14 +90,14 @@ def test_visual_prompts(model):
     regions = np.zeros((2, H, W), bool)
     regions[0, :40, :60] = True
     regions[1, 50:, 70:] = True
-    if model.qwen:
+    if model.cfg.family != "internvl":
         with pytest.raises(ValueError, match="InternVL-family"):
             model.predict(image=frames(1)[0], text="<image>\nWhat is region1?", mask_prompts=[regions], answer="x")
         return
     out = model.predict(image=frames(1)[0], text="<image>\nWhat is in region1?", mask_prompts=[regions], answer="A [SEG].")
     assert "There are 2 part regions in the picture: region1<vp>" in out.history.text
     n_ctx = out.history.text.count("<IMG_CONTEXT>")
-    assert n_ctx == out.history.visual.shape[0]
+    assert n_ctx == len(out.history.media.visual_rows)
     with pytest.raises(ValueError, match="mask_prompts has 2 entries"):
         model.predict(image=frames(1)[0], text="<image>\nWhat?", mask_prompts=[regions, regions], answer="x")
     with pytest.raises(ValueError, match="mask_prompts are 10x10 but the image is 90x130"):
@@ -125,21 +123,25 @@ def test_bad_inputs(model, tmp_path):
             model.predict(text="a" * (model.cfg.llm.context_length + 10))
 
 
-def decode_rle(rle):
-    h, w = rle["size"]
-    flat = np.zeros(h * w, np.uint8)
-    pos, val = 0, 0
-    for c in rle["counts"]:
-        flat[pos:pos + c] = val
-        pos, val = pos + c, 1 - val
-    return flat.reshape((w, h)).T.astype(bool)
-
-
-def test_rle_round_trip():
+def test_rle_round_trip_and_pycocotools():
     m = np.random.default_rng(0).random((7, 5)) > 0.5
     m[0, 0] = True
-    assert np.array_equal(decode_rle(sa2va.rle_encode(m)), m)
-    assert sa2va.rle_encode(m)["counts"][0] == 0  # COCO RLE starts with a run of zeros
+    rle = data.rle_encode(m)
+    assert isinstance(rle["counts"], str)  # compressed COCO RLE
+    assert np.array_equal(data.rle_decode(rle), m)
+    big = np.zeros((300, 200), bool)  # long runs: multi-character counts and negative deltas
+    big[40:260, 30:170] = True
+    big[100:120, :] = False
+    for mask in (m, big, np.zeros((4, 6), bool), np.ones((4, 6), bool)):
+        rle = data.rle_encode(mask)
+        assert np.array_equal(mask_utils.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool), mask)
+        assert rle["counts"] == mask_utils.encode(np.asfortranarray(mask.astype(np.uint8)))["counts"].decode()
+        assert np.array_equal(data.rle_decode(rle), mask)
+
+
+def coco_decode(rle: dict) -> np.ndarray:
+    """pycocotools' decode of an RLE exactly as result.json stores it (its counts a str)."""
+    return mask_utils.decode(rle).astype(bool)
 
 
 def test_cli_writes_outputs(checkpoint, tmp_path, capsys):
@@ -152,11 +154,18 @@ def test_cli_writes_outputs(checkpoint, tmp_path, capsys):
     assert sorted(os.listdir(out)) == ["mask_0.png", "overlay.png", "result.json"]
     result = json.loads((out / "result.json").read_text())
     mask = np.asarray(Image.open(out / "mask_0.png")) > 0
-    assert np.array_equal(decode_rle(result["objects"][0]["masks"][0]), mask)
+    assert np.array_equal(data.rle_decode(result["objects"][0]["masks"][0]), mask)
+    assert np.array_equal(coco_decode(result["objects"][0]["masks"][0]), mask)
     vid_out = tmp_path / "vid"
     sa2va.main(["--model", checkpoint, "--video", str(tmp_path), "--prompt", "Please segment it.", "--answer", "[SEG].",
                 "--out", str(vid_out)])
     assert "overlay.mp4" in os.listdir(vid_out) and "mask_0_00000.png" in os.listdir(vid_out)
+    result = json.loads((vid_out / "result.json").read_text())
+    for k, obj in enumerate(result["objects"]):  # every mask of every object, as pycocotools reads it
+        assert len(obj["masks"]) == 1  # the one frame (img.png) of the folder
+        for t, rle in enumerate(obj["masks"]):
+            png = np.asarray(Image.open(vid_out / f"mask_{k}_{t:05d}.png")) > 0
+            assert np.array_equal(coco_decode(rle), png)
 
 
 def test_cli_error_leaves_no_output(checkpoint, tmp_path):
@@ -207,19 +216,17 @@ def test_predict_batch_equals_one_by_one(model):
 
 def test_internlm2_checkpoint_with_only_a_sentencepiece_tokenizer(tmp_path):
     """Sa2VA-8B/26B ship tokenizer.model alone: convert turns it into tokenizer.json and predict runs."""
-    from debug_checkpoint import write_official_checkpoint
-    from model.config import debug_config
-    from model.tokenizer import load_official_tokenizer
-    from tests.test_tokenizer import SP_VARIANTS, _train_sentencepiece, _write_internlm2_folder
-    tok_dir = _write_internlm2_folder(tmp_path / "tok", _train_sentencepiece(tmp_path / "sp", *SP_VARIANTS["sp_defaults"]))
-    cfg = debug_config("internvl", "internlm2", vocab_size=len(load_official_tokenizer(str(tok_dir))))
+    tok_dir = write_internlm2_folder(tmp_path / "tok", train_sentencepiece(tmp_path / "sp", *SP_VARIANTS["sp_defaults"]))
+    tok = load_official_tokenizer(str(tok_dir))
+    cfg = debug_config("internvl", "internlm2", vocab_size=len(tok), image_token_id=tok.token_to_id("<IMG_CONTEXT>"),
+                       seg_token_id=tok.token_to_id("[SEG]"))
     official = tmp_path / "official"
     write_official_checkpoint(str(official), cfg)
     for name in ("tokenizer.json", "tokenizer_config.json", "added_tokens.json", "special_tokens_map.json"):
         os.remove(official / name)
     for name in os.listdir(tok_dir):
         (official / name).write_bytes((tok_dir / name).read_bytes())
-    convert.convert(str(official), str(tmp_path / "ours"), sam2=SAM2Config.debug())
+    convert.convert(str(official), str(tmp_path / "ours"))
     model = sa2va.Sa2VA.from_pretrained(str(tmp_path / "ours"))
     assert model.tok.bos_id == 1 and model.tok.token_to_id("<|im_end|>") in model.eos_ids
     out = model.predict(image=frames(1)[0], text="<image>\nPlease segment the dog.", answer="Sure, [SEG].")
@@ -240,3 +247,85 @@ def test_cli_never_overwrites_a_folder_with_content(checkpoint, tmp_path):
     with pytest.raises(SystemExit, match="already exists and is not an empty folder"):
         sa2va.main(["--model", checkpoint, "--video", str(tmp_path), "--prompt", "hi", "--out", str(out)])
     assert (out / "notes.txt").read_text() == "keep me"
+
+
+def _postprocess(model, logits, size):
+    W_, H_ = size
+    return model.model.grounding.postprocess(logits, (H_, W_)).numpy()
+
+
+@torch.no_grad()
+def test_forward_equals_teacher_forced_predict(model):
+    """The training-style path (processor samples, a right-padded batch, Sa2VAModel.forward with
+    mask queries, SAM-2 decoded per frame without memory) gives the masks predict(answer=...)
+    gives: for the images, and for a video's key frames (decoded memory-less in both)."""
+    proc, (a, b) = model.processor, [Image.fromarray(f) for f in frames(2)]
+    clip = [Image.fromarray(f) for f in frames(6)]
+    requests = [(dict(image=a), "<image>\nPlease segment the left part.", "Sure, [SEG]."),
+                (dict(image=b), "<image>\nSegment both.", "<p>one</p> [SEG] and <p>two</p> [SEG]."),
+                (dict(frames=clip[:5]), "<image>\nPlease segment it in the video.", "It is [SEG].")]
+    samples = [proc([(text, answer)], proc.media(**media), decode_masks=True) for media, text, answer in requests]
+    inputs = data.collate(samples, pad="right")
+    out = model.model(inputs)
+    V = model.cfg.llm.vocab_size
+    assert out.logits.shape == (*inputs.input_ids.shape, V) and out.seg_prompts.shape == (4, model.cfg.seg_dim)
+    assert out.mask_logits.shape[0] == len(inputs.mask_queries) == 1 + 2 + 5
+    # row by row: the same logits as each sample alone (padding and batching change nothing),
+    # except where dynamic-NTK RoPE (InternLM2) is past its base length: there the base follows
+    # the padded length, as in the official remote code (debug models stretch from 64 tokens).
+    llm = model.cfg.llm
+    stretched = llm.rope_dynamic_factor and inputs.input_ids.shape[1] > llm.max_position_embeddings
+    for row, s in enumerate(samples if not stretched else []):
+        alone = model.model(data.collate([s]), logits=True)
+        n = len(s.input_ids)
+        torch.testing.assert_close(out.logits[row, :n], alone.logits[0], atol=1e-4, rtol=1e-4)
+    logits = iter(out.mask_logits)
+    for (media, text, answer), s in zip(requests, samples):
+        if "image" in media:
+            pred = model.predict(image=media["image"], text=text, answer=answer)
+            assert len(pred.masks) == s.num_seg
+            for m in pred.masks:
+                ours = _postprocess(model, next(logits)[None], media["image"].size)
+                assert (ours == m).mean() > 0.999
+        else:
+            pred = model.predict(video=clip, text=text, answer=answer)
+            assert pred.history.key_frames == [0, 1, 2, 3, 4]
+            ours = _postprocess(model, torch.stack([next(logits) for _ in range(5)]), clip[0].size)
+            assert (ours == pred.masks[0][:5]).mean() > 0.999
+
+
+@torch.no_grad()
+def test_generation_and_teacher_forcing_share_the_forward(model):
+    """Greedy generation's per-token hidden states (cached decoding) equal the forward's on the
+    same tokens fed teacher-forced, and the forward's argmax reproduces the generated tokens."""
+    conv = model.encode_media(image=frames(1)[0])
+    inputs, samples = model.build_inputs([conv], ["<image>\nWhat is this?"])
+    llm, gen = model.cfg.llm, GenerationConfig(max_new_tokens=6)
+    if llm.rope_dynamic_factor and inputs.input_ids.shape[1] + gen.max_new_tokens > llm.max_position_embeddings:
+        pytest.skip("dynamic-NTK RoPE past its base length: each cached step rotates with the base of its own "
+                    "length, as the official InternLM2 code does (test_llm checks that forward against the reference)")
+    embeds, deepstack, visual_mask = model.model.embed_inputs(inputs, conv.vision)
+    g, = generate(model.model.llm, embeds, inputs.positions, inputs.key_mask, gen, set(),
+                  prenorm_hidden=model.cfg.seg_hidden_prenorm, deepstack=deepstack, visual_mask=visual_mask)
+    prompt = samples[0]
+    ids = torch.cat([prompt.input_ids, torch.tensor(g.tokens[:-1])])
+    if model.cfg.family == "internvl":
+        positions = torch.arange(len(ids))
+    else:  # text after the prompt continues from its largest position
+        positions = torch.cat([prompt.positions, prompt.positions.amax() + 1 + torch.arange(len(g.tokens) - 1).expand(3, -1)], 1)
+    fed = dataclasses.replace(prompt, input_ids=ids, labels=torch.full_like(ids, data.IGNORE), positions=positions)
+    out = model.model(data.collate([fed]), vision=conv.vision)
+    L = len(prompt.input_ids)
+    assert out.logits[0, L - 1:].argmax(-1).tolist() == g.tokens
+    torch.testing.assert_close(out.hidden[0, L:], g.hidden, atol=1e-4, rtol=1e-4)
+
+
+def test_official_folder_loads_and_predicts_like_its_converted_copy(checkpoint, model, capsys):
+    official = sa2va.Sa2VA.from_pretrained(os.path.join(os.path.dirname(checkpoint), "official"))
+    assert "converting it while loading" in capsys.readouterr().err
+    assert official.cfg == model.cfg
+    for k, v in model.model.state_dict().items():
+        assert torch.equal(official.model.state_dict()[k], v), k
+    args = dict(video=frames(3), text="<image>\nPlease segment it.", answer="Sure, [SEG] and [SEG].")
+    for a, b in zip(official.predict(**args).masks, model.predict(**args).masks):
+        assert np.array_equal(a, b)

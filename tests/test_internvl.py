@@ -7,13 +7,12 @@ from transformers import InternVLConfig, InternVLForConditionalGeneration
 
 import convert
 import data
-from model.config import Sa2VAConfig
-from model.intern_vit import InternViTConfig, pixel_shuffle
-from model.llm import LLMConfig
+from model.config import InternViTConfig, LLMConfig, Sa2VAConfig
+from model.intern_vit import pixel_shuffle
 from model.sa2va import Sa2VAModel
-from tests.test_llm import randomize
+from tests.conftest import randomize
 
-V, IMG_TOKEN = 300, 299
+V, IMG_TOKEN, SEG_TOKEN = 300, 299, 298
 
 
 def hf_to_official(sd: dict, n_vit_layers: int) -> dict:
@@ -61,7 +60,8 @@ def build_pair(six_b: bool):
     cfg = Sa2VAConfig("internvl",
                       InternViTConfig(hidden_size=32, n_layers=2, n_heads=4, intermediate_size=64, image_size=56,
                                       qkv_bias=not six_b, qk_norm=six_b, norm_type="rms_norm" if six_b else "layer_norm"),
-                      LLMConfig(V, 64, 2, 4, 2, 128, norm_eps=1e-6, rope_theta=1e6, qkv_bias=True))
+                      LLMConfig(V, 64, 2, 4, 2, 128, norm_eps=1e-6, rope_theta=1e6, qkv_bias=True),
+                      image_token_id=IMG_TOKEN, seg_token_id=SEG_TOKEN)
     ours = Sa2VAModel(cfg).eval()
     official = hf_to_official(hf.state_dict(), 2)
     official.update({f"text_hidden_fcs.{i}.{s}": v for i in (0, 2) for s, v in
@@ -77,13 +77,13 @@ def test_internvl_matches_transformers(six_b):
     pixels = torch.randn(3, 3, 56, 56)  # three tiles
     hf_vis = hf.model.get_image_features(pixel_values=pixels, vision_feature_layer=-1,
                                          vision_feature_select_strategy="default").pooler_output
-    our_vis = ours.encode_tiles(pixels)
+    our_vis = ours.vision(pixels)[0].unflatten(0, (3, -1))  # per tile
     assert our_vis.shape == (3, 4, 64)
     torch.testing.assert_close(our_vis, hf_vis, atol=1e-4, rtol=1e-4)
     # Whole forward: text, 12 image-context tokens, text.
     ids = torch.cat([torch.randint(0, 250, (5,)), torch.full((12,), IMG_TOKEN), torch.randint(0, 250, (4,))])[None]
     ref = hf(input_ids=ids, pixel_values=pixels).logits
-    x = ours.embed(ids, our_vis.flatten(0, 1), IMG_TOKEN)
+    x = ours.embed(ids, our_vis.flatten(0, 1))
     h, _ = ours.llm(x, torch.arange(ids.shape[1])[None])
     torch.testing.assert_close(ours.llm.logits(h), ref, atol=1e-4, rtol=1e-4)
 
@@ -92,11 +92,11 @@ def test_visual_token_count_mismatch_is_loud():
     _, ours = build_pair(False)
     ids = torch.full((1, 5), IMG_TOKEN)
     with pytest.raises(ValueError, match="5 image-context tokens but the vision tower gave 4"):
-        ours.embed(ids, torch.zeros(4, 64), IMG_TOKEN)
+        ours.embed(ids, torch.zeros(4, 64))
 
 
 def test_pixel_shuffle_channel_layout():
-    # Token (i, j) = concat(x[2i,2j], x[2i,2j+1], x[2i+1,2j], x[2i+1,2j+1]) (architecture.md §2.2).
+    # Token (i, j) = concat(x[2i,2j], x[2i,2j+1], x[2i+1,2j], x[2i+1,2j+1]) (InternVL `pixel_shuffle`, v2).
     g, C = 4, 3
     x = torch.randn(2, g * g, C)
     y = pixel_shuffle(x)
@@ -108,7 +108,7 @@ def test_pixel_shuffle_channel_layout():
 
 
 def reference_grid(w, h, image_size=448, min_num=1, max_num=12):
-    """InternVL's find_closest_aspect_ratio, restated from the spec (inference.md §2)."""
+    """InternVL's find_closest_aspect_ratio (modeling_sa2va_chat.py), restated."""
     ratios = set((i, j) for n in range(min_num, max_num + 1) for i in range(1, n + 1) for j in range(1, n + 1)
                  if min_num <= i * j <= max_num)
     ratios = sorted(ratios, key=lambda x: x[0] * x[1])

@@ -6,20 +6,11 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 import convert
 from model.generate import GenerationConfig, generate
-from model.llm import LLM, LLMConfig
+from model.config import LLMConfig
+from model.llm import LLM
+from tests.conftest import randomize
 
 V, D, LAYERS, H, KV, FFN = 300, 64, 2, 4, 2, 128
-
-
-def randomize(module: torch.nn.Module, std: float = 0.15):
-    """Weights far from the near-zero HF init, so a wrong op changes the logits visibly."""
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            if "norm" in name:
-                p.copy_(1 + 0.2 * torch.randn_like(p))
-            else:
-                p.copy_(std * torch.randn_like(p))
-    return module
 
 
 def ours_from_hf(hf_model, cfg: LLMConfig, table: dict, head_key: str) -> LLM:

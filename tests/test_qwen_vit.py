@@ -10,9 +10,11 @@ from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLIm
 from transformers.models.qwen3_vl.configuration_qwen3_vl import Qwen3VLVisionConfig
 from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLModel, Qwen3VLVisionModel
 
-import qwen_processing as qp
-from model.qwen2_5_vit import Qwen25VisionConfig, Qwen25VisionTower
-from model.qwen3_vit import Qwen3VisionConfig, Qwen3VisionTower
+import data
+from model.config import Qwen25VisionConfig, Qwen3VisionConfig, preset
+from model.llm import mrope_positions
+from model.qwen2_5_vit import Qwen25VisionTower
+from model.qwen3_vit import Qwen3VisionTower
 
 # Two images of different sizes and a 2-frame clip. 12x20 patches = 6x10 merged tokens, not a
 # multiple of the 4x4-token window, so Qwen2.5-VL gets partial edge windows.
@@ -55,10 +57,10 @@ def test_qwen2_5_vision_tower_matches_transformers():
     ours.load_state_dict(ref.state_dict(), strict=True)  # official names under the tower, 1:1
     x = torch.randn(int(GRID.prod(-1).sum()), cfg.patch_dim)
     expected = ref(x, grid_thw=GRID).pooler_output
-    got = ours(x, GRID)
-    assert got.shape == (x.shape[0] // 4, cfg.out_hidden_size)
+    got, deepstack = ours(x, GRID)
+    assert got.shape == (x.shape[0] // 4, cfg.out_hidden_size) and deepstack == []
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
-    torch.testing.assert_close(torch.cat(_per_image(ours, x, GRID)), got, atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat([a[0] for a in _per_image(ours, x, GRID)]), got, atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
@@ -81,7 +83,7 @@ def test_qwen3_vision_tower_matches_transformers():
     torch.testing.assert_close(torch.cat([a[0] for a in alone]), got, atol=1e-5, rtol=0)
 
 
-# Key patterns and shapes of the released checkpoints (spec keys_mllm_patterns.txt), minus `model.model.visual.`.
+# Key patterns and shapes of the released checkpoints (tests/data/keys_mllm_patterns.txt), minus `model.model.visual.`.
 QWEN25_3B_KEYS = """patch_embed.proj.weight (1280,3,2,14,14)
 blocks.{i}.norm1.weight (1280,)|blocks.{i}.norm2.weight (1280,)
 blocks.{i}.attn.qkv.weight (3840,1280)|blocks.{i}.attn.qkv.bias (3840,)
@@ -116,8 +118,8 @@ def _expand(patterns: str, depth: int, n_deepstack: int = 0) -> dict:
 
 
 @pytest.mark.parametrize("tower, cfg, patterns", [
-    (Qwen25VisionTower, Qwen25VisionConfig.qwen2_5_vl(), QWEN25_3B_KEYS),
-    (Qwen3VisionTower, Qwen3VisionConfig.qwen3_vl_4b(), QWEN3_4B_KEYS)])
+    (Qwen25VisionTower, preset("Sa2VA-Qwen2_5-VL-3B").vision, QWEN25_3B_KEYS),
+    (Qwen3VisionTower, preset("Sa2VA-Qwen3-VL-4B").vision, QWEN3_4B_KEYS)])
 def test_real_presets_have_the_checkpoint_keys(tower, cfg, patterns):
     with torch.device("meta"):
         sd = tower(cfg).state_dict()
@@ -148,39 +150,39 @@ def _image(h: int, w: int, seed: int) -> Image.Image:
 IMAGES = [_image(333, 517, 0), _image(1201, 907, 1), _image(90, 700, 2)]  # below, above and inside the pixel range
 
 
-@pytest.mark.parametrize("spec", [qp.QWEN2_5_VL, qp.QWEN3_VL], ids=["qwen2_5_vl", "qwen3_vl"])
+@pytest.mark.parametrize("spec", [Qwen25VisionConfig(), Qwen3VisionConfig()], ids=["qwen2_5_vl", "qwen3_vl"])
 def test_processing_matches_transformers_processor(spec):
-    ref = Qwen2VLImageProcessorPil(min_pixels=qp.SA2VA_MIN_PIXELS, max_pixels=qp.SA2VA_MAX_PIXELS,
-                                   patch_size=spec.patch_size, merge_size=spec.merge_size,
+    ref = Qwen2VLImageProcessorPil(min_pixels=data.SA2VA_MIN_PIXELS, max_pixels=data.SA2VA_MAX_PIXELS,
+                                   patch_size=spec.patch_size, merge_size=spec.spatial_merge_size,
                                    temporal_patch_size=spec.temporal_patch_size,
-                                   image_mean=list(spec.mean), image_std=list(spec.std))
-    fetched = [qp.fetch_image(im) for im in IMAGES]
+                                   image_mean=list(spec.pixel_mean), image_std=list(spec.pixel_std))
+    fetched = [data.fetch_image(im) for im in IMAGES]
     expected = ref(images=fetched, return_tensors="pt")
-    pixel_values, grid = qp.qwen_image_inputs(IMAGES, spec, resize="pil")
+    pixel_values, grid = data.qwen_image_inputs(IMAGES, spec, resize="pil")
     assert grid.tolist() == expected["image_grid_thw"].tolist()
     torch.testing.assert_close(pixel_values, expected["pixel_values"], atol=1e-5, rtol=0)
     # The processor alone, on sizes that are not multiples of the factor.
     for im in IMAGES:
-        patches, g = qp.process_image(im, spec, resize="pil")
+        patches, g = data.process_image(im, spec, resize="pil")
         exp = ref(images=[im], return_tensors="pt")
         assert list(g) == exp["image_grid_thw"][0].tolist()
         torch.testing.assert_close(patches, exp["pixel_values"], atol=1e-5, rtol=0)
     # The fast processor's torch resize differs from PIL's by at most 2 grey levels on a few pixels.
-    fast, fast_grid = qp.qwen_image_inputs(IMAGES, spec, resize="torch")
+    fast, fast_grid = data.qwen_image_inputs(IMAGES, spec, resize="torch")
     assert torch.equal(fast_grid, grid)
-    levels = (fast - pixel_values).abs() * min(spec.std) * 255
+    levels = (fast - pixel_values).abs() * min(spec.pixel_std) * 255
     assert levels.max() <= 2.01 and (levels > 0.5).float().mean() < 0.02
 
 
 def test_fetch_resize_follows_qwen_vl_utils():
-    assert qp.fetch_smart_resize(333, 517) == (336, 504)
+    assert data.fetch_smart_resize(333, 517) == (336, 504)
     # qwen_vl_utils keeps a rounded side >= 28 before the pixel check; the processor's version does not.
-    assert qp.fetch_smart_resize(10, 2000) == (28, 1988)
-    assert qp.smart_resize(10, 2000, 28, 4 * 28 * 28, 16384 * 28 * 28) == (28, 812)
+    assert data.fetch_smart_resize(10, 2000) == (28, 1988)
+    assert data.smart_resize(10, 2000, 28, 4 * 28 * 28, 16384 * 28 * 28) == (28, 812)
     rgba = Image.new("RGBA", (40, 30), (255, 0, 0, 0))  # fully transparent red -> white
-    assert np.asarray(qp.fetch_image(rgba)).min() == 255
+    assert np.asarray(data.fetch_image(rgba)).min() == 255
     with pytest.raises(ValueError, match="elongated"):
-        qp.fetch_smart_resize(10, 2500)
+        data.fetch_smart_resize(10, 2500)
 
 
 def _rope_model(cls, cfg_cls, rope):
@@ -209,8 +211,8 @@ def test_rope_index_matches_transformers(family):
     mask = (ids != PAD).long()
     grid = torch.tensor([[1, 8, 12], [1, 12, 4], [1, 4, 6]])
     expected, exp_delta = model.get_rope_index(ids, (ids == IMG).int(), image_grid_thw=grid, attention_mask=mask)
-    got, delta = qp.qwen_rope_index(ids, grid, IMG, VS, 2, attention_mask=mask,
-                                    image_temporal_stride=0 if family == "qwen2_5_vl" else 1)
+    got, delta = mrope_positions(ids, grid, IMG, VS, 2, attention_mask=mask,
+                                 image_temporal_stride=0 if family == "qwen2_5_vl" else 1)
     assert torch.equal(got[:, mask.bool()], expected[:, mask.bool()])
     assert torch.equal(got[:, ~mask.bool()], torch.ones_like(got[:, ~mask.bool()]))  # 4.57 pads with 1
     assert delta[0].item() == exp_delta[0].item()  # no padding: both conventions agree
@@ -221,12 +223,12 @@ def test_rope_index_matches_transformers(family):
 def test_rope_index_multi_frame_image_and_errors():
     ids = torch.tensor([[1, VS] + [IMG] * 8 + [VE]])
     grid = torch.tensor([[2, 4, 4]])  # two temporal patches of 2x2 merged tokens
-    pos25, _ = qp.qwen_rope_index(ids, grid, IMG, VS, image_temporal_stride=0)
-    pos3, _ = qp.qwen_rope_index(ids, grid, IMG, VS, image_temporal_stride=1)
+    pos25, _ = mrope_positions(ids, grid, IMG, VS, image_temporal_stride=0)
+    pos3, _ = mrope_positions(ids, grid, IMG, VS, image_temporal_stride=1)
     assert pos25[0, 0, 2:10].tolist() == [2] * 8
     assert pos3[0, 0, 2:10].tolist() == [2] * 4 + [3] * 4
     assert pos25[:, 0, -1].tolist() == [4, 4, 4] and pos3[:, 0, -1].tolist() == [4, 4, 4]
     with pytest.raises(ValueError, match="consecutive image tokens"):
-        qp.qwen_rope_index(ids, torch.tensor([[1, 4, 6]]), IMG, VS)
+        mrope_positions(ids, torch.tensor([[1, 4, 6]]), IMG, VS)
     with pytest.raises(ValueError, match="has 2 rows"):
-        qp.qwen_rope_index(ids, torch.tensor([[2, 4, 4], [1, 2, 2]]), IMG, VS)
+        mrope_positions(ids, torch.tensor([[2, 4, 4], [1, 2, 2]]), IMG, VS)

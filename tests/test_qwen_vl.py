@@ -16,12 +16,12 @@ from transformers import (Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, 
                           Qwen3VLForConditionalGeneration)
 
 import convert
-import qwen_processing as qp
+import data
 from model.config import debug_config
 from model.generate import GenerationConfig, generate
-from model.llm import rope_cos_sin
+from model.llm import mrope_positions, rope_cos_sin
 from model.sa2va import Sa2VAModel
-from tests.test_llm import randomize
+from tests.conftest import randomize
 
 FAMILIES = ["qwen2_5_vl", "qwen3_vl"]
 V = 320
@@ -59,7 +59,7 @@ def hf_config(cfg):
 @functools.cache
 def build_pair(family: str):
     torch.manual_seed(0)
-    cfg = debug_config(family, vocab_size=V, sam2=False)
+    cfg = debug_config(family, vocab_size=V, sam2=False, image_token_id=IMG, seg_token_id=SEG)
     hf_cls = Qwen3VLForConditionalGeneration if family == "qwen3_vl" else Qwen2_5_VLForConditionalGeneration
     hf = randomize(hf_cls(hf_config(cfg)), std=0.15).eval()
     official = {"model." + k: v for k, v in hf.state_dict().items()}
@@ -86,8 +86,7 @@ FRAMES = [_image(120, 160, s) for s in (2, 3, 4)]  # a 3-frame clip, all frames 
 
 
 def visual_inputs(cfg, images):
-    spec = qp.QWEN3_VL if cfg.family == "qwen3_vl" else qp.QWEN2_5_VL
-    return qp.qwen_image_inputs(images, spec, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
+    return data.qwen_image_inputs(images, cfg.vision, min_pixels=MIN_PIXELS, max_pixels=MAX_PIXELS)
 
 
 def prompt_ids(grid: torch.Tensor, merge: int, seed: int) -> torch.Tensor:
@@ -104,16 +103,16 @@ def prompt_ids(grid: torch.Tensor, merge: int, seed: int) -> torch.Tensor:
 
 def ours_forward(cfg, ours, ids, pixels, grid):
     """Our path as sa2va.py runs it: vision tower, token splice, 3-D positions, decoder (+ deepstack)."""
-    visual, deepstack = ours.encode_qwen(pixels, grid)
+    visual, deepstack = ours.vision(pixels, grid)
     pos = rope_positions(cfg, ids, grid)
-    x = ours.embed(ids, visual, IMG)
+    x = ours.embed(ids, visual)
     h_post, h_pre = ours.llm(x, pos, deepstack=deepstack or None, visual_mask=ids == IMG)
     return ours.llm.logits(h_post), h_post, h_pre
 
 
 def rope_positions(cfg, ids, grid):
-    pos, _ = qp.qwen_rope_index(ids, grid, IMG, VS, cfg.vision.spatial_merge_size,
-                                image_temporal_stride=1 if cfg.family == "qwen3_vl" else 0)
+    pos, _ = mrope_positions(ids, grid, IMG, VS, cfg.vision.spatial_merge_size,
+                             image_temporal_stride=cfg.vision.image_temporal_stride)
     return pos
 
 
@@ -124,9 +123,10 @@ def hf_inputs(ids, pixels, grid):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_config_from_official(family):
     cfg, hf, _ = build_pair(family)
-    via_ours = convert.config_from_official(convert.config_to_official(cfg))
+    ids = dict(image_token_id=IMG, seg_token_id=SEG)
+    via_ours = convert.config_from_official(convert.config_to_official(cfg), **ids)
     hf_dict = hf.config.to_dict() | {"template": cfg.template}  # transformers 5 layout: rope_parameters
-    via_hf = convert.config_from_official(hf_dict)
+    via_hf = convert.config_from_official(hf_dict, **ids)
     for got in (via_ours, via_hf):
         assert (got.family, got.template) == (cfg.family, cfg.template)
         assert got.llm == cfg.llm
@@ -136,7 +136,7 @@ def test_config_from_official(family):
     rope = dict(text.pop("rope_parameters"))
     text["rope_theta"] = rope.pop("rope_theta")
     old = hf_dict | {"text_config": text | {"rope_scaling": rope}}
-    assert convert.config_from_official(old).llm == cfg.llm
+    assert convert.config_from_official(old, **ids).llm == cfg.llm
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -160,7 +160,7 @@ def test_vision_features_match_transformers(family):
     pixels, grid = visual_inputs(cfg, IMAGES)
     assert grid[0].tolist() != grid[1].tolist()
     ref = hf.model.get_image_features(pixel_values=pixels, image_grid_thw=grid)
-    visual, deepstack = ours.encode_qwen(pixels, grid)
+    visual, deepstack = ours.vision(pixels, grid)
     torch.testing.assert_close(visual, torch.cat(ref.pooler_output), **TOL)
     if family == "qwen3_vl":
         assert len(deepstack) == len(ref.deepstack_features) == len(cfg.vision.deepstack_visual_indexes)
@@ -188,7 +188,7 @@ def test_logits_match_transformers(family, media):
 @torch.no_grad()
 def test_seg_hidden_state(family):
     """[SEG] reads post-norm states for Qwen2.5-VL and the last decoder layer's output (pre-norm) for
-    Qwen3-VL (architecture.md §6, measured with transformers 4.57, whose Qwen3-VL CausalLM forward
+    Qwen3-VL (measured by running the official pipeline with transformers 4.57, whose Qwen3-VL CausalLM forward
     collected the layer outputs itself and had no last_hidden_state to tie the last one to).
     transformers 5 returns the post-norm state as hidden_states[-1] for both families, so the
     pre-norm reference is hooked off the last decoder layer."""
@@ -223,8 +223,8 @@ def test_cached_generation_matches_transformers_and_uncached(family):
                       output_logits=True, return_dict_in_generate=True)
     ref_tokens = ref.sequences[0, ids.shape[1]:].tolist()
 
-    visual, deepstack = ours.encode_qwen(pixels, grid)
-    embeds = ours.embed(ids, visual, IMG)
+    visual, deepstack = ours.vision(pixels, grid)
+    embeds = ours.embed(ids, visual)
     out = generate(ours.llm, embeds, rope_positions(cfg, ids, grid), None, GenerationConfig(max_new_tokens=n_new),
                    eos_ids=set(), prenorm_hidden=cfg.seg_hidden_prenorm, deepstack=deepstack or None,
                    visual_mask=ids == IMG)[0]

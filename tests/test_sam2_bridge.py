@@ -2,7 +2,6 @@
 
 import contextlib
 import copy
-import os
 
 import numpy as np
 import pytest
@@ -10,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from model.sam2_bridge import SAM2Bridge, SAM2Config, build_sam2
+import data
+from model.config import SAM2_HIERA_L, SAM2Config
+from model.sam2_bridge import SAM2Bridge, build_sam2
+from tests.conftest import official_sam2_keys
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-KEYS_TSV = os.path.join(REPO_ROOT, "..", "shared", "spec", "keys_sam2_hf.tsv")
 CFG = SAM2Config.debug()
 S = CFG.image_size
 
@@ -117,18 +117,10 @@ def _assert_close(actual, expected):
 
 
 def test_hiera_large_keys_match_released_checkpoint():
-    if not os.path.exists(KEYS_TSV):
-        pytest.skip(f"{KEYS_TSV} not found (the spec folder sits next to the repo)")
-    expected = {}
-    with open(KEYS_TSV) as f:
-        for line in f:
-            if line.startswith("#"):
-                continue
-            key, shape = line.rstrip("\n").split("\t")
-            key = key.removeprefix("grounding_encoder.sam2_model.").replace(".g_weight", ".gamma")
-            expected[key] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
+    expected = {key.removeprefix("grounding_encoder.sam2_model.").replace(".g_weight", ".gamma"): shape
+                for key, shape in official_sam2_keys().items()}
     with torch.device("meta"):
-        model = build_sam2(SAM2Config.hiera_large())
+        model = build_sam2(SAM2_HIERA_L)
     ours = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert len(expected) == 900
     assert sorted(set(expected) ^ set(ours)) == []
@@ -228,14 +220,16 @@ def test_postprocess_two_step_resize(bridge):
 def test_preprocess_matches_manual(bridge):
     rng = np.random.default_rng(0)
     arrays = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((40, 60, 3), (30, 20, 3))]
-    x = bridge.preprocess([arrays[0], Image.fromarray(arrays[1])])
+    frames = data.sam2_frames([Image.fromarray(a) for a in arrays], S)  # resized uint8, as the model takes them
+    assert frames.shape == (2, 3, S, S) and frames.dtype == torch.uint8
+    x = bridge.normalize(frames)
     assert x.shape == (2, 3, S, S) and x.dtype == torch.float32
     resized = np.asarray(Image.fromarray(arrays[1]).resize((S, S), Image.BICUBIC)).astype(np.float32) / 255
     for bf16_stats, std_r in ((False, 0.229), (True, 0.228515625)):  # 0.229 rounded to bf16
-        y = bridge.preprocess([arrays[1]], bf16_stats=bf16_stats)[0]
+        y = bridge.normalize(frames[1:], bf16_stats=bf16_stats)[0]
         mean_r = float(torch.tensor(0.485, dtype=torch.bfloat16)) if bf16_stats else 0.485
         np.testing.assert_allclose(y[0].numpy(), (resized[..., 0] - mean_r) / std_r, atol=1e-5)
-    assert torch.equal(x[1], bridge.preprocess([arrays[1]])[0])
+    assert torch.equal(x[1], bridge.normalize(frames[1:])[0])
 
 
 def test_bad_inputs_raise(bridge):
@@ -243,9 +237,9 @@ def test_bad_inputs_raise(bridge):
     with pytest.raises(ValueError, match="prompts"):
         bridge.decode_with_prompt(bridge.image_features(frames[:1]), torch.zeros(2, 128))
     with pytest.raises(ValueError, match="no frames"):
-        bridge.preprocess([])
+        bridge.normalize(torch.zeros(0, 3, S, S, dtype=torch.uint8))
     with pytest.raises(ValueError, match="uint8"):
-        bridge.preprocess([np.zeros((8, 8, 3), dtype=np.float32)])
+        bridge.normalize(torch.zeros(1, 3, S, S))
     with pytest.raises(ValueError, match="cond_frames"):
         bridge.track(frames, _prompts(1), cond_frames=[5])
     with pytest.raises(ValueError, match="num_frames"):

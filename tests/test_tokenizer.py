@@ -19,30 +19,8 @@ from transformers import AutoTokenizer
 from transformers.tokenization_python import Trie
 
 from model.tokenizer import Tokenizer, load_official_tokenizer, read_sentencepiece_model
-
-INTERNVL_TOKENS = ["<img>", "</img>", "<IMG_CONTEXT>", "<quad>", "</quad>", "<ref>", "</ref>", "<box>", "</box>"]
-SA2VA_TOKENS = ["[SEG]", "<p>", "</p>", "<vp>", "</vp>"]
-CHAT = ["<|im_start|>", "<|im_end|>"]
-ADDITIONAL = [*CHAT, "<img>"]  # an appended token listed as special exercises HF's "legacy added token" rule
-
-CORPUS = [
-    "The quick brown fox jumps over the lazy dog.",
-    "Please segment the dog in the image. Sure, it is the brown dog on the left.",
-    "A man is riding a horse near the river, and two children are playing with a ball.",
-    "Could you segment the person wearing a red shirt? Yes, the person is standing.",
-    "def segment(image, text):\n    return model.predict(image, text)\n",
-    "\tindented with a tab\tand more\ttabs",
-    "Numbers like 12345 and 3.14159 appear in text, 2024-05-01.",
-    "  leading spaces and   multiple   spaces  ",
-    "今天天气很好，我们去公园散步。请分割图中的狗。",
-    "这是一只棕色的狗，它在草地上奔跑。图片中有两个人。",
-    "Ceci est une phrase en français avec des accents: été, déjà, garçon.",
-    "Größe, Straße und Übung sind deutsche Wörter.",
-    "Привет, как дела? Это русский текст.",
-    "こんにちは、これは日本語の文です。",
-    "Segmentation masks are predicted by the mask decoder for every token.",
-    "The model answers with a phrase and a segmentation token for each object.",
-]
+from tests.conftest import (ADDITIONAL, CHAT, CORPUS, INTERNVL_TOKENS, SA2VA_TOKENS, SP_VARIANTS, train_sentencepiece,
+                            write_internlm2_folder)
 
 TEXTS = [
     "hello world",
@@ -71,45 +49,6 @@ TEXTS = [
     "<img>",
     "[SEG][SEG] [SEG]",
 ]
-
-# (normalization, add_dummy_prefix, remove_extra_whitespaces, extra user-defined pieces HF does not register)
-SP_VARIANTS = {
-    "nodummy_identity": ("identity", False, False, ["<|plugin|>"]),
-    "dummy_identity": ("identity", True, False, []),
-    "sp_defaults": ("nmt_nfkc", True, True, []),
-}
-
-
-def _train_sentencepiece(path, norm, dummy, fold, extra_user, model_type="bpe"):
-    # InternLM2 keeps its chat tokens at fixed ids that HF renames; [UNUSED_TOKEN_*] mimic that.
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS * 3), model_prefix=str(path), model_type=model_type, vocab_size=700,
-        hard_vocab_limit=False, byte_fallback=True, character_coverage=0.999, normalization_rule_name=norm,
-        add_dummy_prefix=dummy, remove_extra_whitespaces=fold, control_symbols=["<|action_start|>"],
-        user_defined_symbols=["[UNUSED_TOKEN_145]", "[UNUSED_TOKEN_146]", *extra_user], minloglevel=2)
-    return str(path) + ".model"
-
-
-def _write_internlm2_folder(folder, model_file):
-    folder.mkdir()
-    shutil.copy(model_file, folder / "tokenizer.model")
-    sp = spm.SentencePieceProcessor(model_file=model_file)
-    n = sp.get_piece_size()
-    flags = {"lstrip": False, "rstrip": False, "single_word": False, "normalized": False, "special": True}
-    decoder = {0: "<unk>", 1: "<s>", 2: "</s>", sp.piece_to_id("[UNUSED_TOKEN_145]"): "<|im_end|>",
-               sp.piece_to_id("[UNUSED_TOKEN_146]"): "<|im_start|>"}
-    decoder.update({n + k: t for k, t in enumerate(INTERNVL_TOKENS + SA2VA_TOKENS)})
-    config = {"added_tokens_decoder": {str(i): {"content": t, **flags} for i, t in decoder.items()},
-              "additional_special_tokens": ADDITIONAL, "bos_token": "<s>", "eos_token": "</s>", "pad_token": "</s>",
-              "unk_token": "<unk>", "add_bos_token": True, "add_eos_token": False,
-              "clean_up_tokenization_spaces": False, "tokenizer_class": "InternLM2Tokenizer"}
-    special_map = {"additional_special_tokens": ADDITIONAL, "bos_token": {"content": "<s>", **flags},
-                   "eos_token": "</s>", "pad_token": "</s>", "unk_token": "<unk>"}
-    (folder / "tokenizer_config.json").write_text(json.dumps(config))
-    (folder / "special_tokens_map.json").write_text(json.dumps(special_map))
-    (folder / "added_tokens.json").write_text(json.dumps({t: i for i, t in decoder.items() if i >= n}))
-    return folder
-
 
 class SlowInternLM2:
     """The official InternLM2Tokenizer under transformers 4.49-4.57 slow PreTrainedTokenizer, condensed."""
@@ -189,8 +128,8 @@ class SlowInternLM2:
 @pytest.fixture(scope="module", params=list(SP_VARIANTS))
 def internlm2_folder(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
-    model_file = _train_sentencepiece(root / "sp", *SP_VARIANTS[request.param])
-    return _write_internlm2_folder(root / "ckpt", model_file)
+    model_file = train_sentencepiece(root / "sp", *SP_VARIANTS[request.param])
+    return write_internlm2_folder(root / "ckpt", model_file)
 
 
 def test_hand_parser_matches_protobuf(internlm2_folder):
@@ -303,12 +242,12 @@ def test_save_load_round_trip(internlm2_folder, tmp_path):
 
 
 def test_unsupported_sentencepiece_models_fail_loudly(tmp_path):
-    unigram = _train_sentencepiece(tmp_path / "uni", "identity", False, False, [], model_type="unigram")
+    unigram = train_sentencepiece(tmp_path / "uni", "identity", False, False, [], model_type="unigram")
     with pytest.raises(ValueError, match="UNIGRAM"):
-        load_official_tokenizer(str(_write_internlm2_folder(tmp_path / "a", unigram)))
-    dummy_user = _train_sentencepiece(tmp_path / "du", "identity", True, False, ["<|plugin|>"])
+        load_official_tokenizer(str(write_internlm2_folder(tmp_path / "a", unigram)))
+    dummy_user = train_sentencepiece(tmp_path / "du", "identity", True, False, ["<|plugin|>"])
     with pytest.raises(ValueError, match="USER_DEFINED"):
-        load_official_tokenizer(str(_write_internlm2_folder(tmp_path / "b", dummy_user)))
+        load_official_tokenizer(str(write_internlm2_folder(tmp_path / "b", dummy_user)))
 
 
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -366,4 +305,24 @@ def test_qwen_conflicting_added_token_id_fails(tmp_path):
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
     (folder / "added_tokens.json").unlink()
     with pytest.raises(ValueError, match="should have id"):
+        load_official_tokenizer(str(folder))
+
+
+def test_internlm2_fast_tokenizer_json_converts(internlm2_folder, tmp_path):
+    """An InternLM2 release that ships a fast tokenizer.json (its post-processor prepends <s>)
+    instead of tokenizer.model loads, and encodes as the slow tokenizer does."""
+    folder = tmp_path / "fast"
+    shutil.copytree(internlm2_folder, folder)
+    load_official_tokenizer(str(internlm2_folder))._backend.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer.model").unlink()
+    fast, slow = load_official_tokenizer(str(folder)), SlowInternLM2(internlm2_folder)
+    assert fast.meta["decode"] == "fast" and fast.bos_id == 1 and len(fast) == len(slow)
+    for text in TEXTS:
+        assert fast.encode(text) == slow.encode(text), repr(text)
+        assert fast.encode(text, add_bos=False) == slow.encode(text)[1:], repr(text)
+    # a post-processor that adds anything but the named BOS is refused
+    backend = Backend.from_file(str(folder / "tokenizer.json"))
+    backend.post_processor = processors.TemplateProcessing(single="<s>:0 $A:0 </s>:0", special_tokens=[("<s>", 1), ("</s>", 2)])
+    backend.save(str(folder / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"adds \[1, 2\] to every input; only a prepended bos_token"):
         load_official_tokenizer(str(folder))

@@ -456,6 +456,7 @@ class Processor:
             if reply is None:
                 if k != len(turns) - 1:
                     raise ValueError(f"turn {k} has no answer; only the last turn may be left for generation")
+                answer = None  # the conversation ends in a prompt to generate from
                 break
             if not reply:
                 raise ValueError("an answer is empty; give the text to segment, e.g. 'Sure, [SEG].'")

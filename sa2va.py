@@ -197,7 +197,11 @@ class Sa2VA:
             return [m[None] for m in bridge.postprocess(logits, (H, W)).cpu().numpy()]
         video, size = conv.video, self.cfg.sam2.image_size
         T = len(video)
-        frame = lambda t: bridge.normalize(data.sam2_frames([video.frame(t)], size).to(self.device))[0]  # noqa: E731
+        prepared = dict(zip(conv.key_frames, conv.media.sam2_frames))  # the processor resized the key frames
+
+        def frame(t: int) -> torch.Tensor:
+            x = prepared[t] if t in prepared else data.sam2_frames([video.frame(t)], size)[0]
+            return bridge.normalize(x[None].to(self.device))[0]
         memory = bridge.condition(frame, prompts, cond_frames=conv.key_frames, num_frames=T)
         masks = np.zeros((prompts.shape[0], T, H, W), dtype=bool)
         steps = bridge.propagate(frame, memory)

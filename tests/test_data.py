@@ -198,3 +198,9 @@ def test_cli_from_dataclass(capsys):
         shape: tuple = cli.arg((1, 2), "no tuples")
     with pytest.raises(TypeError, match="unsupported command-line type"):
         cli.parser(Unsupported)
+
+
+def test_a_generation_prompt_has_no_answer_span(processor):
+    s = processor([("hi", "Hello."), ("and now?", None)])
+    L = len(s.input_ids)
+    assert s.answer == (L, L) and s.labels[-1] == data.IGNORE

@@ -10,9 +10,9 @@ Python:
     out.text, out.masks[0].shape   # answer, (1, H, W) bool per [SEG]
 
 `predict` is four public steps, which evaluation and benchmarks call on their own:
-    conv = model.encode_media(image=...)              # processor + vision tower, once per conversation
+    conv = model.encode_media(image=...)              # the family's processor on the image or video
     inputs, samples = model.build_inputs([conv], [text])   # the conversation as model inputs
-    (tokens, prompts), = model.run_llm(inputs, samples, [conv], generation)  # answer + [SEG] prompts
+    (tokens, prompts), = model.run_llm(inputs, samples, [conv], generation)  # vision tower + LLM
     masks = model.segment(conv, prompts)              # SAM-2: image decode or video propagation
 
 Reproduces the official `predict_forward` of both the InternVL and the Qwen-VL families
@@ -53,7 +53,7 @@ class Conversation:
     """What a turn needs besides its text: the media, encoded once, and the formatted text so far."""
     text: str = ""  # the formatted earlier turns
     media: data.Media | None = None  # the processor's output for the image or the video's key frames
-    vision: VisionOutput | None = None  # the vision tower's output for media
+    vision: VisionOutput | None = None  # the vision tower's output for media (run_llm computes it once)
     image: Image.Image | None = None
     video: data.Video | None = None
     key_frames: list[int] = field(default_factory=list)
@@ -121,11 +121,10 @@ class Sa2VA:
 
     # ------------------------------------------------------------------ the steps
 
-    @torch.inference_mode()
     def encode_media(self, image=None, video=None, mask_prompts=None, key_frames: str = "first") -> Conversation:
         """A new conversation about an image (path, PIL image or uint8 array; optional `<vp>`
-        regions) or a video (file, frame folder or list of frames): the processor's inputs for it
-        and the vision tower's output, computed once for every turn that follows."""
+        regions) or a video (file, frame folder or list of frames), with the processor's inputs
+        for it (run_llm adds the vision tower's output, once for every turn that follows)."""
         if (image is None) == (video is None):
             raise ValueError("give an image or a video, not both or neither")
         if mask_prompts is not None and (image is None or self.cfg.family != "internvl"):
@@ -138,9 +137,7 @@ class Sa2VA:
             video = video if isinstance(video, data.Video) else data.Video(video)
             keys = data.key_frame_indices(len(video), NUM_KEY_FRAMES, key_frames)
             media = self.processor.media(frames=[video.frame(t, keep=True) for t in keys])
-        grid = None if media.grid_thw is None else media.grid_thw.to(self.device)
-        vision = self.model.vision(media.pixel_values.to(self.device, self.dtype), grid)
-        return Conversation(media=media, vision=vision, image=image, video=video, key_frames=keys)
+        return Conversation(media=media, image=image, video=video, key_frames=keys)
 
     def build_inputs(self, convs: list[Conversation], texts: list[str],
                      answers: list[str] | None = None) -> tuple[ModelInputs, list[data.Sample]]:
@@ -161,6 +158,10 @@ class Sa2VA:
         """The LLM on one batch: generation (greedy or sampled) after each prompt, or, with
         generation=None, the model's forward over the teacher-forced answers in the inputs.
         Per row: the answer's tokens and the SAM-2 prompts (N, seg_dim) of its [SEG] tokens."""
+        for conv in {id(c): c for c in convs}.values():  # the vision tower once per conversation
+            if conv.media is not None and conv.vision is None:
+                grid = None if conv.media.grid_thw is None else conv.media.grid_thw.to(self.device)
+                conv.vision = self.model.vision(conv.media.pixel_values.to(self.device, self.dtype), grid)
         vision = self._batch_vision(convs)
         out = []
         if generation is None:

@@ -105,8 +105,12 @@ def timed(fn, device: torch.device, warmup: bool = True):
 @torch.inference_mode()
 def bench_image(s: Sa2VA, dev: torch.device, rows: list):
     image = data.load_image(synthetic_image())
-    t_vis, conv = timed(lambda: s.encode_media(image=image), dev)
-    rows.append(("vision encode (1 image, preprocess + ViT + projector)", t_vis, ""))
+    t_pre_vis, conv = timed(lambda: s.encode_media(image=image), dev)
+    pixels = conv.media.pixel_values.to(dev, s.dtype)
+    grid = None if conv.media.grid_thw is None else conv.media.grid_thw.to(dev)
+    t_vis, conv.vision = timed(lambda: s.model.vision(pixels, grid), dev)
+    rows.append(("image preprocessing (processor, SAM-2 resize)", t_pre_vis, ""))
+    rows.append(("vision tower (ViT + projector)", t_vis, ""))
     inputs, samples = s.build_inputs([conv], [PROMPT])  # as Sa2VA.predict builds them
     n_prompt = inputs.input_ids.shape[1]
 

@@ -299,6 +299,7 @@ def test_generation_and_teacher_forcing_share_the_forward(model):
     """Greedy generation's per-token hidden states (cached decoding) equal the forward's on the
     same tokens fed teacher-forced, and the forward's argmax reproduces the generated tokens."""
     conv = model.encode_media(image=frames(1)[0])
+    conv.vision = model.model.vision(conv.media.pixel_values, conv.media.grid_thw)
     inputs, samples = model.build_inputs([conv], ["<image>\nWhat is this?"])
     llm, gen = model.cfg.llm, GenerationConfig(max_new_tokens=6)
     if llm.rope_dynamic_factor and inputs.input_ids.shape[1] + gen.max_new_tokens > llm.max_position_embeddings:

@@ -3,8 +3,9 @@
 Reproduces the grounding encoder of the released Sa2VA HF remote code
 (`projects/sa2va/hf/models/sam2.py`: `SAM2` + its `SAM2VideoPredictor.add_language_embd` /
 `propagate_in_video`) on top of Meta's `sam2` package (SAM 2.0 Hiera-L, no hydra/yaml).
-The SAM2 modules are Meta's classes, built here from explicit numbers; this file only adds the
-Sa2VA decoding and a bounded, batched video loop around them.
+The SAM2 modules are Meta's classes, built here from the explicit numbers of a SAM2Config;
+this file only adds the Sa2VA decoding and a bounded, batched video loop around them. Frames
+arrive resized to S x S as uint8 (data.sam2_frames); `normalize` is the only pixel work here.
 
 Deviations from the reference:
 * Video: all N objects of a video run in one batched pass per frame (the reference runs one
@@ -216,7 +217,7 @@ class SAM2Bridge(nn.Module):
         return x.to(device=self._param.device, dtype=self._param.dtype)
 
     def image_features(self, images: Tensor) -> Features:
-        """(B, 3, S, S) preprocessed frames -> backbone features (compute once per frame)."""
+        """(B, 3, S, S) frames from normalize() -> backbone features (compute once per frame)."""
         s = self.cfg.image_size
         if images.ndim != 4 or images.shape[1:] != (3, s, s):
             raise ValueError(f"images have shape {tuple(images.shape)}; "

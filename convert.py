@@ -13,17 +13,18 @@ naming the keys. Tensors stream one at a time, so peak memory stays near the lar
 of the largest shard rather than the model. `load_official` streams the same way straight into
 a model (what `Sa2VA.from_pretrained` does with an official folder).
 """
-import argparse
 import dataclasses
 import json
 import os
 import re
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 
 import torch
 
 import data
+from cli import arg, check_output_folder, output_folder, parse, run
 from model.checkpoint import SafetensorsReader, check_keys, load_tensors, model_shapes, parse_dtype, write_safetensors
 from model.config import (SAM2_HIERA_L, InternViTConfig, LLMConfig, Qwen25VisionConfig, Qwen3VisionConfig, SAM2Config,
                           Sa2VAConfig)
@@ -126,6 +127,43 @@ PACK = {"unpack_wqkv": pack_wqkv}
 # ----------------------------------------------------------------------------- configs
 
 LLM_ARCHITECTURES = {"Qwen2ForCausalLM": "qwen2", "InternLM2ForCausalLM": "internlm2"}
+_REQUIRED = object()
+_KIND_NAMES = {int: "a whole number", float: "a number", bool: "true or false", str: "a string",
+               tuple: "a list of whole numbers", list: "a list", dict: "a JSON object"}
+
+
+class _Section:
+    """Typed reads from one part of an official config.json: a missing or mistyped field is a
+    one-line error naming it (the file can come from anywhere)."""
+
+    def __init__(self, d, where: str):
+        if not isinstance(d, dict):
+            raise ValueError(f"config.json: {where or 'the file'} is not a JSON object; is this a Sa2VA config.json?")
+        self.d, self.where = d, where
+
+    def __contains__(self, key: str) -> bool:
+        return self.d.get(key) is not None
+
+    def __call__(self, key: str, kind: type, default=_REQUIRED):
+        name = f"{self.where}.{key}" if self.where else key
+        value = self.d.get(key)
+        if value is None:
+            if default is _REQUIRED:
+                raise ValueError(f"config.json has no {name}; is it the config.json of a Sa2VA release?")
+            return default
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is float and number:
+            return float(value)
+        if kind is tuple and isinstance(value, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in value):
+            return tuple(value)
+        if kind is int and number and float(value).is_integer():
+            return int(value)
+        if kind not in (float, tuple, int) and isinstance(value, kind):
+            return value
+        raise ValueError(f"config.json: {name} is {value!r}; expected {_KIND_NAMES[kind]}")
+
+    def section(self, key: str) -> "_Section":
+        return _Section(self(key, dict), f"{self.where}.{key}" if self.where else key)
 
 
 def config_from_official(hf: dict, *, image_token_id: int, seg_token_id: int, system_prompt: str = "",
@@ -136,53 +174,59 @@ def config_from_official(hf: dict, *, image_token_id: int, seg_token_id: int, sy
     `sam2_config` entry (written by our --to-official and test checkpoints for other sizes)
     overrides it. pixel_stats: (mean, std) of a Qwen-VL preprocessor_config.json.
     """
-    if not isinstance(hf, dict):
-        raise ValueError("config.json is not a JSON object; give the config of an official Sa2VA checkpoint")
-    sam2 = SAM2Config(**hf["sam2_config"]) if hf.get("sam2_config") else SAM2_HIERA_L
+    top = _Section(hf, "")
+    sam2 = SAM2_HIERA_L
+    if "sam2_config" in top:
+        try:
+            sam2 = SAM2Config(**top("sam2_config", dict))
+        except TypeError as e:
+            raise ValueError(f"config.json: sam2_config does not describe a SAM-2 of this version ({e})") from None
     ids = dict(image_token_id=image_token_id, seg_token_id=seg_token_id)
-    if "llm_config" in hf and "vision_config" in hf:
-        return _internvl_config(hf, sam2, ids)
-    if "text_config" in hf and "vision_config" in hf:
-        return _qwen_vl_config(hf, sam2, ids, system_prompt, pixel_stats)
+    if "llm_config" in top and "vision_config" in top:
+        return _internvl_config(top, sam2, ids)
+    if "text_config" in top and "vision_config" in top:
+        return _qwen_vl_config(top, sam2, ids, system_prompt, pixel_stats)
     raise ValueError(f"config.json names an unknown architecture {hf.get('architectures')}; expected a Sa2VA config "
                      "with llm_config (InternVL family) or text_config (Qwen-VL family)")
 
 
-def _internvl_config(hf: dict, sam2: SAM2Config, ids: dict) -> Sa2VAConfig:
-    v, lm = hf["vision_config"], hf["llm_config"]
-    if hf.get("ps_version", "v2") != "v2":
-        raise ValueError(f"ps_version {hf['ps_version']!r} is not supported; Sa2VA checkpoints use 'v2'")
-    vision = InternViTConfig(hidden_size=v["hidden_size"], n_layers=v["num_hidden_layers"],
-                             n_heads=v["num_attention_heads"], intermediate_size=v["intermediate_size"],
-                             image_size=hf.get("force_image_size") or v["image_size"], patch_size=v["patch_size"],
-                             qkv_bias=v.get("qkv_bias", True), qk_norm=v.get("qk_normalization", False),
-                             norm_type=v.get("norm_type", "layer_norm"), norm_eps=v.get("layer_norm_eps", 1e-6),
-                             downsample_ratio=hf.get("downsample_ratio", 0.5))
-    name = (lm.get("architectures") or ["?"])[0]
+def _internvl_config(hf: _Section, sam2: SAM2Config, ids: dict) -> Sa2VAConfig:
+    v, lm = hf.section("vision_config"), hf.section("llm_config")
+    if hf("ps_version", str, "v2") != "v2":
+        raise ValueError(f"config.json: ps_version {hf('ps_version', str)!r} is not supported; Sa2VA checkpoints use 'v2'")
+    vision = InternViTConfig(hidden_size=v("hidden_size", int), n_layers=v("num_hidden_layers", int),
+                             n_heads=v("num_attention_heads", int), intermediate_size=v("intermediate_size", int),
+                             image_size=hf("force_image_size", int, None) or v("image_size", int),
+                             patch_size=v("patch_size", int), qkv_bias=v("qkv_bias", bool, True),
+                             qk_norm=v("qk_normalization", bool, False), norm_type=v("norm_type", str, "layer_norm"),
+                             norm_eps=v("layer_norm_eps", float, 1e-6), downsample_ratio=hf("downsample_ratio", float, 0.5))
+    names = lm("architectures", list, ["?"])
+    name = names[0] if names else "?"
     if name not in LLM_ARCHITECTURES:
         raise ValueError(f"unknown LLM architecture {name!r} in llm_config; supported: {', '.join(LLM_ARCHITECTURES)}")
     arch = LLM_ARCHITECTURES[name]
-    common = dict(vocab_size=lm["vocab_size"], dim=lm["hidden_size"], n_layers=lm["num_hidden_layers"],
-                  n_heads=lm["num_attention_heads"], n_kv_heads=lm.get("num_key_value_heads", lm["num_attention_heads"]),
-                  intermediate_size=lm["intermediate_size"], norm_eps=lm.get("rms_norm_eps", 1e-6),
-                  rope_theta=lm.get("rope_theta", 10000.0), max_position_embeddings=lm.get("max_position_embeddings", 32768),
-                  tie_embeddings=bool(lm.get("tie_word_embeddings", False)), arch=arch)
+    heads = lm("num_attention_heads", int)
+    common = dict(vocab_size=lm("vocab_size", int), dim=lm("hidden_size", int), n_layers=lm("num_hidden_layers", int),
+                  n_heads=heads, n_kv_heads=lm("num_key_value_heads", int, heads),
+                  intermediate_size=lm("intermediate_size", int), norm_eps=lm("rms_norm_eps", float, 1e-6),
+                  rope_theta=lm("rope_theta", float, 10000.0),
+                  max_position_embeddings=lm("max_position_embeddings", int, 32768),
+                  tie_embeddings=lm("tie_word_embeddings", bool, False), arch=arch)
     if arch == "qwen2":
         llm = LLMConfig(**common, qkv_bias=True)
     else:
-        scaling = lm.get("rope_scaling") or {}
-        kind = scaling.get("type", scaling.get("rope_type"))
+        scaling = lm.section("rope_scaling") if "rope_scaling" in lm else _Section({}, "llm_config.rope_scaling")
+        kind = scaling("type", str, None) or scaling("rope_type", str, None)
         if kind not in (None, "dynamic"):
             raise ValueError(f"InternLM2 rope_scaling type {kind!r} is not supported; only 'dynamic' is")
-        if lm.get("bias", False):
+        if lm("bias", bool, False):
             raise ValueError("InternLM2 with bias=true is not supported; no Sa2VA checkpoint uses it")
-        llm = LLMConfig(**common, rope_dynamic_factor=float(scaling.get("factor", 0.0)) if kind else 0.0)
-    return Sa2VAConfig("internvl", vision, llm, sam2, hf.get("template", "qwen_chat"), **ids)
+        llm = LLMConfig(**common, rope_dynamic_factor=scaling("factor", float, 0.0) if kind else 0.0)
+    return Sa2VAConfig("internvl", vision, llm, sam2, hf("template", str, "qwen_chat"), **ids)
 
 
-def _qwen_vl_family(hf: dict) -> str:
-    v = hf["vision_config"]
-    kind = v.get("model_type", "")
+def _qwen_vl_family(v: _Section) -> str:
+    kind = v("model_type", str, "")
     if kind.startswith("qwen3_vl") or "deepstack_visual_indexes" in v:
         return "qwen3_vl"
     if kind.startswith("qwen2_5_vl") or "fullatt_block_indexes" in v:
@@ -190,37 +234,38 @@ def _qwen_vl_family(hf: dict) -> str:
     raise ValueError(f"unknown vision architecture {kind!r} in vision_config; supported: qwen2_5_vl, qwen3_vl")
 
 
-def _qwen_vl_config(hf: dict, sam2: SAM2Config, ids: dict, system_prompt: str, pixel_stats) -> Sa2VAConfig:
-    family = _qwen_vl_family(hf)
-    v, t = hf["vision_config"], hf["text_config"]
-    common = dict(depth=v["depth"], hidden_size=v["hidden_size"], num_heads=v["num_heads"],
-                  intermediate_size=v["intermediate_size"], out_hidden_size=v["out_hidden_size"],
-                  patch_size=v["patch_size"], temporal_patch_size=v.get("temporal_patch_size", 2),
-                  spatial_merge_size=v.get("spatial_merge_size", 2))
+def _qwen_vl_config(hf: _Section, sam2: SAM2Config, ids: dict, system_prompt: str, pixel_stats) -> Sa2VAConfig:
+    v, t = hf.section("vision_config"), hf.section("text_config")
+    family = _qwen_vl_family(v)
+    common = dict(depth=v("depth", int), hidden_size=v("hidden_size", int), num_heads=v("num_heads", int),
+                  intermediate_size=v("intermediate_size", int), out_hidden_size=v("out_hidden_size", int),
+                  patch_size=v("patch_size", int), temporal_patch_size=v("temporal_patch_size", int, 2),
+                  spatial_merge_size=v("spatial_merge_size", int, 2))
     if pixel_stats is not None:
         common.update(pixel_mean=tuple(pixel_stats[0]), pixel_std=tuple(pixel_stats[1]))
     if family == "qwen2_5_vl":
-        vision = Qwen25VisionConfig(**common, window_size=v.get("window_size", 112),
-                                    fullatt_block_indexes=tuple(v["fullatt_block_indexes"]))
+        vision = Qwen25VisionConfig(**common, window_size=v("window_size", int, 112),
+                                    fullatt_block_indexes=v("fullatt_block_indexes", tuple))
     else:
-        vision = Qwen3VisionConfig(**common, num_position_embeddings=v["num_position_embeddings"],
-                                   deepstack_visual_indexes=tuple(v["deepstack_visual_indexes"]))
-    rope = t.get("rope_scaling") or t.get("rope_parameters") or {}
+        vision = Qwen3VisionConfig(**common, num_position_embeddings=v("num_position_embeddings", int),
+                                   deepstack_visual_indexes=v("deepstack_visual_indexes", tuple))
+    rope_key = "rope_scaling" if "rope_scaling" in t else "rope_parameters"
+    rope = t.section(rope_key) if rope_key in t else _Section({}, "text_config.rope_scaling")
     if "mrope_section" not in rope:
-        raise ValueError("text_config.rope_scaling has no mrope_section; is this a Qwen-VL checkpoint?")
-    head_dim = t.get("head_dim") or t["hidden_size"] // t["num_attention_heads"]
+        raise ValueError("config.json: text_config.rope_scaling has no mrope_section; is this a Qwen-VL checkpoint?")
+    head_dim = t("head_dim", int, None) or t("hidden_size", int) // t("num_attention_heads", int)
     qwen3 = family == "qwen3_vl"
-    llm = LLMConfig(vocab_size=t["vocab_size"], dim=t["hidden_size"], n_layers=t["num_hidden_layers"],
-                    n_heads=t["num_attention_heads"], n_kv_heads=t["num_key_value_heads"],
-                    intermediate_size=t["intermediate_size"], head_dim=head_dim, norm_eps=t.get("rms_norm_eps", 1e-6),
-                    rope_theta=t.get("rope_theta", rope.get("rope_theta", 1e6)),
-                    max_position_embeddings=t.get("max_position_embeddings", 128000),
-                    mrope_section=tuple(rope["mrope_section"]),
-                    mrope_interleaved=bool(rope.get("mrope_interleaved", qwen3)),
+    llm = LLMConfig(vocab_size=t("vocab_size", int), dim=t("hidden_size", int), n_layers=t("num_hidden_layers", int),
+                    n_heads=t("num_attention_heads", int), n_kv_heads=t("num_key_value_heads", int),
+                    intermediate_size=t("intermediate_size", int), head_dim=head_dim,
+                    norm_eps=t("rms_norm_eps", float, 1e-6),
+                    rope_theta=t("rope_theta", float, None) or rope("rope_theta", float, 1e6),
+                    max_position_embeddings=t("max_position_embeddings", int, 128000),
+                    mrope_section=rope("mrope_section", tuple), mrope_interleaved=rope("mrope_interleaved", bool, qwen3),
                     qkv_bias=not qwen3, qk_norm=qwen3, tie_embeddings=False, arch="qwen3" if qwen3 else "qwen2")
     # The released Sa2VA-Qwen3-VL reads [SEG] before the final norm (its transformers 4.57
     # hidden_states[-1] is the last layer's output); Sa2VA-Qwen2.5-VL after it.
-    return Sa2VAConfig(family, vision, llm, sam2, hf.get("template", "qwen_chat"), system_prompt,
+    return Sa2VAConfig(family, vision, llm, sam2, hf("template", str, "qwen_chat"), system_prompt,
                        seg_hidden_prenorm=qwen3, **ids)
 
 
@@ -363,7 +408,12 @@ def _official_shards(src: str) -> dict[str, str]:
     index = os.path.join(src, "model.safetensors.index.json")
     if os.path.isfile(index):
         with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
+            try:
+                weight_map = json.load(f).get("weight_map")
+            except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as e:
+                raise ValueError(f"{index} is not a JSON index ({e}); re-download it") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError(f"{index} has no weight_map of tensor -> shard file; re-download it")
         return {k: os.path.join(src, v) for k, v in weight_map.items()}
     single = os.path.join(src, "model.safetensors")
     if not os.path.isfile(single):
@@ -409,9 +459,18 @@ def official_config(src: str, tokenizer: Tokenizer) -> Sa2VAConfig:
 
 def read_official(src: str, dtype: torch.dtype | None = None) -> tuple[Sa2VAConfig, Tokenizer, list, Iterator]:
     """Open an official folder: (our config, tokenizer, [(our key, dtype, shape)], a generator of
-    (our key, tensor) in that order). Everything is checked before the first tensor is read;
-    the generator streams one tensor at a time, cast to dtype (floating ones) if given."""
+    (our key, tensor) in that order). Everything but the values is checked before the first tensor
+    is read; the generator streams one tensor at a time, cast to dtype (floating ones) if given,
+    and fails at the end naming every tensor that holds NaN or inf."""
+    if not os.path.isdir(src):
+        raise ValueError(f"{src} is not a folder; give the folder of an official Sa2VA checkpoint")
     tokenizer = load_official_tokenizer(src)  # before any output is written: fail early
+    missing = [t for t in (*data.SA2VA_TOKENS, data.IMG_CONTEXT) if tokenizer.token_id_or_none(t) is None]
+    if tokenizer.token_id_or_none(data.QWEN_IMAGE_PAD) is not None:  # a Qwen-VL tokenizer has no InternVL tokens
+        missing = [t for t in missing if t != data.IMG_CONTEXT]
+    if missing:
+        raise ValueError(f"{src}: the tokenizer has no {', '.join(missing)}; a Sa2VA checkpoint adds them to its "
+                         "base model's tokenizer (is this the base MLLM?)")
     cfg = official_config(src, tokenizer)
     if len(tokenizer) != cfg.llm.vocab_size:
         raise ValueError(f"{src}: the tokenizer has {len(tokenizer)} tokens but the config says vocab_size="
@@ -442,36 +501,47 @@ def read_official(src: str, dtype: torch.dtype | None = None) -> tuple[Sa2VAConf
             transform, targets = kmap[k]
             plan.append((k, transform, targets))
             src_dtype, src_shape = handles[p].dtype(k), handles[p].shape(k)
-            out_dtype = dtype if (dtype is not None and src_dtype.is_floating_point) else src_dtype
+            if not src_dtype.is_floating_point:
+                raise ValueError(f"{p}: {k} is {str(src_dtype).removeprefix('torch.')}, not a float tensor; "
+                                 "the checkpoint is damaged or not a Sa2VA release")
+            out_dtype = dtype if dtype is not None else src_dtype
             for t in targets:
                 specs.append((t, out_dtype, ours[t]))
             if transform is None and src_shape != ours[targets[0]]:
                 raise ValueError(f"{k} has shape {src_shape} but config.json implies {ours[targets[0]]}")
 
     def tensors():
+        broken = []
         for k, transform, targets in plan:
             t = handles[where[k]].read(k)
+            if not bool(torch.isfinite(t).all()):
+                broken.append(k)
             outs = UNPACK[transform](t, cfg.llm) if transform else [t]
             del t
             for name in targets:
                 o = outs.pop(0)
                 if tuple(o.shape) != ours[name]:
                     raise ValueError(f"{k} gives {name} of shape {tuple(o.shape)}, the config implies {ours[name]}")
-                if dtype is not None and o.is_floating_point():
+                if dtype is not None:
                     o = o.to(dtype)
                 yield name, o
                 del o  # hold one tensor at a time (the consumer drops its reference too)
+        if broken:
+            raise ValueError(f"{src}: {len(broken)} tensor(s) hold NaN or inf: {', '.join(broken[:5])}"
+                             f"{' ...' if len(broken) > 5 else ''}; the checkpoint is damaged, re-download it")
 
     return cfg, tokenizer, specs, tensors()
 
 
 def convert(src: str, dst: str, dtype: torch.dtype | None = None) -> Sa2VAConfig:
-    """Official HF folder -> our folder (streamed, one tensor at a time)."""
+    """Official HF folder -> our folder (streamed, one tensor at a time). DST must be new or
+    empty; it appears only once complete (cli.output_folder)."""
+    check_output_folder(dst, "DST", not_inside=(src,))
     cfg, tokenizer, specs, tensors = read_official(src, dtype)
-    os.makedirs(dst, exist_ok=True)
-    write_safetensors(os.path.join(dst, "model.safetensors"), specs, tensors)
-    cfg.save(os.path.join(dst, "config.json"))
-    tokenizer.save(dst)
+    with output_folder(dst) as tmp:
+        write_safetensors(os.path.join(tmp, "model.safetensors"), specs, tensors)
+        cfg.save(os.path.join(tmp, "config.json"))
+        tokenizer.save(tmp)
     return cfg
 
 
@@ -486,7 +556,14 @@ def to_official(src: str, dst: str, like: str | None = None, dtype: torch.dtype 
 
     Writes model.safetensors and config.json. With `like` (the official release folder the
     model came from), its config.json, tokenizer files and remote code are copied instead.
+    DST must be new or empty; it appears only once complete.
     """
+    if like is not None and not os.path.isfile(os.path.join(like, "config.json")):
+        raise ValueError(f"--like {like} is not an official Sa2VA folder (it has no config.json); give the release "
+                         "folder the model came from")
+    check_output_folder(dst, "DST", not_inside=(src,))
+    if not os.path.isfile(os.path.join(src, "config.json")):
+        raise ValueError(f"{src} has no config.json; give a folder written by convert.py")
     cfg = Sa2VAConfig.load(os.path.join(src, "config.json"))
     f = SafetensorsReader(os.path.join(src, "model.safetensors"))
     ours = model_shapes(cfg)
@@ -507,19 +584,19 @@ def to_official(src: str, dst: str, like: str | None = None, dtype: torch.dtype 
             yield off, out
             del out
 
-    os.makedirs(dst, exist_ok=True)
-    write_safetensors(os.path.join(dst, "model.safetensors"), specs, tensors())
-    if like:
-        for name in os.listdir(like):
-            if not (name.endswith(".safetensors") or name == "model.safetensors.index.json") and \
-                    os.path.isfile(os.path.join(like, name)):
-                shutil.copy2(os.path.join(like, name), os.path.join(dst, name))
-    else:
-        with open(os.path.join(dst, "config.json"), "w") as fh:
-            json.dump(config_to_official(cfg), fh, indent=2)
-        if cfg.family != "internvl":
-            with open(os.path.join(dst, "preprocessor_config.json"), "w") as fh:
-                json.dump(preprocessor_to_official(cfg), fh, indent=2)
+    with output_folder(dst) as tmp:
+        write_safetensors(os.path.join(tmp, "model.safetensors"), specs, tensors())
+        if like:
+            for name in os.listdir(like):
+                if not (name.endswith(".safetensors") or name == "model.safetensors.index.json") and \
+                        os.path.isfile(os.path.join(like, name)):
+                    shutil.copy2(os.path.join(like, name), os.path.join(tmp, name))
+        else:
+            with open(os.path.join(tmp, "config.json"), "w") as fh:
+                json.dump(config_to_official(cfg), fh, indent=2)
+            if cfg.family != "internvl":
+                with open(os.path.join(tmp, "preprocessor_config.json"), "w") as fh:
+                    json.dump(preprocessor_to_official(cfg), fh, indent=2)
 
 
 def qwen_default_system_prompt(src: str) -> str:
@@ -541,23 +618,29 @@ def qwen_default_system_prompt(src: str) -> str:
     return m.group(1) if m else ""
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("src", help="official Sa2VA Hugging Face folder")
-    ap.add_argument("dst", help="output folder")
-    ap.add_argument("--dtype", default=None, help="cast floating tensors (bf16, fp16, fp32); default keeps each tensor's dtype")
-    ap.add_argument("--to-official", action="store_true", help="convert our folder SRC back to the official HF layout")
-    ap.add_argument("--like", help="with --to-official: the official folder whose config, tokenizer and code to copy")
-    args = ap.parse_args()
-    try:
-        if args.to_official:
-            to_official(args.src, args.dst, like=args.like, dtype=parse_dtype(args.dtype))
-            print(f"wrote {args.dst} (official Sa2VA layout)")
+@dataclass
+class ConvertOptions:
+    src: str = arg(help="official Sa2VA Hugging Face folder (our folder with --to-official)", positional=True)
+    dst: str = arg(help="output folder: new or empty", positional=True)
+    dtype: str | None = arg(None, "cast floating tensors (bf16, fp16, fp32); default keeps each tensor's dtype")
+    to_official: bool = arg(False, "convert our folder SRC back to the official HF layout")
+    like: str | None = arg(None, "with --to-official: the official folder whose config, tokenizer and code to copy")
+
+
+def main(argv=None):
+    opts = parse(ConvertOptions, argv, __doc__.split("\n\n")[0], prog="convert.py")
+
+    def body():
+        if opts.like and not opts.to_official:
+            raise ValueError("--like goes with --to-official")
+        dtype = parse_dtype(opts.dtype)
+        if opts.to_official:
+            to_official(opts.src, opts.dst, like=opts.like, dtype=dtype)
+            print(f"wrote {opts.dst} (official Sa2VA layout)")
         else:
-            cfg = convert(args.src, args.dst, parse_dtype(args.dtype))
-            print(f"wrote {args.dst} ({cfg.family}, LLM {cfg.llm.n_layers} layers x {cfg.llm.dim})")
-    except ValueError as e:
-        raise SystemExit(f"convert.py: {e}")
+            cfg = convert(opts.src, opts.dst, dtype)
+            print(f"wrote {opts.dst} ({cfg.family}, LLM {cfg.llm.n_layers} layers x {cfg.llm.dim})")
+    run("convert.py", body)
 
 
 if __name__ == "__main__":

@@ -27,13 +27,14 @@ fast path, `resize="pil"` the slow one. Normalisation is (x/255 - mean)/std in f
 """
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import av
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.config import NUM_KEY_FRAMES, Qwen25VisionConfig, Qwen3VisionConfig, Sa2VAConfig
 from model.llm import mrope_positions
@@ -54,23 +55,63 @@ def image_token(family: str) -> str:
 
 # ----------------------------------------------------------------------------- images
 
-def load_image(image) -> Image.Image:
-    """A path, PIL image or HxWx3 uint8 array -> RGB PIL image."""
+MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused before they are decoded
+
+
+def load_image(image, name: str = "image") -> Image.Image:
+    """A path, PIL image or HxWx3 uint8 array -> RGB PIL image, as displayed: its EXIF orientation
+    applied, 16-bit greyscale scaled to 8 bits. Refuses empty images and ones over MAX_IMAGE_PIXELS."""
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        _check_pixels(image.size, name)
+        return _to_rgb(ImageOps.exif_transpose(image), name)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"image array must be HxWx3 uint8, got shape {image.shape} dtype {image.dtype}")
+            raise ValueError(f"{name} array must be HxWx3 uint8, got shape {image.shape} dtype {image.dtype}")
+        _check_pixels((image.shape[1], image.shape[0]), name)
         return Image.fromarray(image)
     if isinstance(image, (str, os.PathLike)):
+        path = os.fspath(image)
         try:
-            with Image.open(image) as im:
-                return im.convert("RGB")
+            im = Image.open(path)
         except FileNotFoundError:
-            raise ValueError(f"image file {image} does not exist") from None
+            raise ValueError(f"image file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ValueError(f"image {path} is a folder; give an image file (a folder of frames is a --video)") from None
+        except Image.DecompressionBombError:
+            raise ValueError(f"image {path} has more than {MAX_IMAGE_PIXELS} pixels; resize it first") from None
         except (UnidentifiedImageError, OSError) as e:
-            raise ValueError(f"cannot decode image {image}: {e}; give a PNG/JPEG/... file") from None
-    raise ValueError(f"unsupported image type {type(image).__name__}; give a path, PIL image or uint8 array")
+            raise ValueError(f"cannot decode image {path}: {e}; give a PNG/JPEG/... file") from None
+        with im:
+            _check_pixels(im.size, f"image {path}")
+            try:
+                return _to_rgb(ImageOps.exif_transpose(im), f"image {path}")
+            except OSError as e:  # a truncated or corrupt file fails only when its pixels are read
+                raise ValueError(f"cannot decode image {path}: {e}; the file is damaged") from None
+    raise ValueError(f"unsupported {name} type {type(image).__name__}; give a path, PIL image or uint8 array")
+
+
+def _check_pixels(size: tuple[int, int], name: str):
+    w, h = size
+    if w == 0 or h == 0:
+        raise ValueError(f"{name} is empty ({w}x{h} pixels)")
+    if w * h > MAX_IMAGE_PIXELS:
+        raise ValueError(f"{name} is {w}x{h}, more than {MAX_IMAGE_PIXELS} pixels; resize it first")
+
+
+def _to_rgb(im: Image.Image, name: str) -> Image.Image:
+    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit greyscale (PIL opens such PNGs so)
+        levels = np.clip(np.asarray(im, dtype=np.float64), 0, 65535) / 257  # 65535 -> 255
+        grey = np.round(levels).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[..., None], 3, axis=-1))
+    if im.mode == "F":
+        raise ValueError(f"{name} has 32-bit float pixels; save it as an 8- or 16-bit image")
+    return im.convert("RGB")
+
+
+def displayed_size(im: Image.Image) -> tuple[int, int]:
+    """(W, H) of an opened image as shown: EXIF orientations 5-8 turn it by 90 degrees."""
+    w, h = im.size
+    return (h, w) if im.getexif().get(0x0112, 1) in (5, 6, 7, 8) else (w, h)
 
 
 def _tile_grid(width: int, height: int, image_size: int, min_num: int, max_num: int) -> tuple[int, int]:
@@ -303,7 +344,7 @@ class Video:
         if isinstance(source, (list, tuple)):
             self._list = list(source)
         elif isinstance(source, (str, os.PathLike)) and os.path.isdir(source):
-            names = sorted(n for n in os.listdir(source) if n.lower().endswith(IMAGE_EXTENSIONS))
+            names = sorted((n for n in os.listdir(source) if n.lower().endswith(IMAGE_EXTENSIONS)), key=natural_key)
             self._list = [os.path.join(source, n) for n in names]
         elif isinstance(source, (str, os.PathLike)):
             if not os.path.isfile(source):
@@ -320,9 +361,29 @@ class Video:
         self._decoder = None
         self._next = 0
         self.size = self.frame(0, keep=True).size  # (W, H) of the first frame
+        if self._list is not None:  # masks come back at one size: refuse a mix before any work
+            for t, item in enumerate(self._list):
+                size = self._frame_size(item)
+                if size != self.size:
+                    raise ValueError(f"frame {t} ({item if isinstance(item, (str, os.PathLike)) else 'in the list'}) is "
+                                     f"{size[0]}x{size[1]} but frame 0 is {self.size[0]}x{self.size[1]}; "
+                                     "give the frames of a video at one size")
 
     def __len__(self) -> int:
         return self._n
+
+    @staticmethod
+    def _frame_size(item) -> tuple[int, int]:
+        """(W, H) of a listed frame as load_image will return it, reading only the header of a file."""
+        if isinstance(item, Image.Image):
+            return displayed_size(item)
+        if isinstance(item, (str, os.PathLike)):
+            try:
+                with Image.open(item) as im:
+                    return displayed_size(im)
+            except OSError:
+                pass  # load_image says what is wrong with the file
+        return load_image(item).size
 
     def _open(self):
         try:
@@ -346,7 +407,7 @@ class Video:
         if t in self._kept:
             return self._kept[t]
         if self._list is not None:
-            im = load_image(self._list[t])
+            im = load_image(self._list[t], f"frame {t}")
         else:
             if self._decoder is None or t < self._next:
                 self._container = self._open()
@@ -356,9 +417,20 @@ class Video:
                 self._next += 1
                 if self._next - 1 == t:
                     break
+            if t and im.size != self.size:
+                raise ValueError(f"frame {t} of {self._path} is {im.size[0]}x{im.size[1]} but frame 0 is "
+                                 f"{self.size[0]}x{self.size[1]}; the video changes resolution, re-encode it at one size")
         if keep:
             self._kept[t] = im
         return im
+
+
+def natural_key(name: str) -> list:
+    """Sort key that orders frame_2 before frame_10 (numbers compared as numbers)."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+KEY_FRAME_MODES = ("first", "uniform")
 
 
 def key_frame_indices(num_frames: int, k: int = NUM_KEY_FRAMES, mode: str = "first") -> list[int]:
@@ -442,9 +514,18 @@ class Processor:
         """
         if not turns:
             raise ValueError("a conversation needs at least one turn")
-        has_image_tag = any("<image>" in user for user, _ in turns)
-        if has_image_tag and media is None:
+        for user, reply in turns:
+            for what, value in (("prompt", user), ("answer", reply)):
+                if value is not None and not isinstance(value, str):
+                    raise ValueError(f"the {what} must be text, got {type(value).__name__}")
+                if value is not None and _has_surrogates(value):
+                    raise ValueError(f"the {what} is not valid UTF-8 text; pass a str of real characters")
+        tags = sum(user.count("<image>") for user, _ in turns)
+        if tags and media is None:
             raise ValueError("the prompt has '<image>' but no image or video was given")
+        if tags > 1 or (tags and history):
+            raise ValueError(f"the conversation has {tags} '<image>' tag(s){' after its first turn' if history else ''}; "
+                             "the one image or video goes in one place, in the first turn")
         ids, labels, text = [], [], history
         answer = None
         for k, (user, reply) in enumerate(turns):
@@ -477,6 +558,15 @@ class Processor:
                       answer or (L, L), num_seg, media, queries)
 
 
+def _has_surrogates(text: str) -> bool:
+    # str from undecodable bytes (os.fsdecode, surrogateescape) holds lone surrogates
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 class InternVLProcessor(Processor):
     """InternVL family: dynamic 448-px tiles for an image, one tile per video key frame, `<vp>` regions."""
 
@@ -495,6 +585,11 @@ class InternVLProcessor(Processor):
         rows = [torch.arange(len(images) * tpt)]
         if regions is not None:
             cells = self.region_cells(regions, image.size)  # (n, side*side) bool
+            side = self.cfg.vision.grid // 2
+            for r, n in enumerate(cells.sum(1).tolist()):
+                if n == 0:  # it would get no <vp> tokens at all
+                    raise ValueError(f"mask_prompts region {r + 1} covers no cell of the {side}x{side} token grid "
+                                     "(it is empty or thinner than a cell of the image); draw it larger")
             token_string += vp_string(cells.sum(1).tolist())
             # Each region's rows are the last tile's (the thumbnail, or the only tile) cells it covers.
             rows += [(len(images) - 1) * tpt + torch.nonzero(c).flatten() for c in cells]

@@ -26,9 +26,7 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 
 import av
@@ -39,7 +37,7 @@ from tqdm import tqdm
 
 import convert
 import data
-from cli import arg, parse
+from cli import arg, check_output_folder, output_folder, parse, run
 from debug_checkpoint import self_check
 from model.checkpoint import load_model, parse_dtype
 from model.config import NUM_KEY_FRAMES
@@ -57,6 +55,7 @@ class Conversation:
     image: Image.Image | None = None
     video: data.Video | None = None
     key_frames: list[int] = field(default_factory=list)
+    owner: object = field(default=None, repr=False)  # the Sa2VA the conversation was held with
 
 
 @dataclass
@@ -67,12 +66,34 @@ class Prediction:
     history: Conversation
 
 
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
 def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+    if _mps_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def resolve_device(device) -> torch.device:
+    """A device the model can run on: CUDA, else MPS, else CPU when None; otherwise the one named, if present."""
+    if device is None:
+        return default_device()
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {device!r}; use cuda, cuda:N, mps or cpu") from None
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        found = f"{torch.cuda.device_count()} CUDA device(s)" if torch.cuda.is_available() else "no CUDA device"
+        raise ValueError(f"device {str(device)!r} is not available here ({found}); use --device cpu")
+    if device.type == "mps" and not _mps_available():
+        raise ValueError("device 'mps' is not available here; use --device cpu")
+    if device.type not in ("cuda", "mps", "cpu"):
+        raise ValueError(f"device {str(device)!r} is not supported; use cuda, mps or cpu")
+    return device
 
 
 def gcg_phrases(text: str, n_masks: int) -> list[str]:
@@ -93,6 +114,7 @@ class Sa2VA:
             raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the embedding has {self.cfg.llm.vocab_size} rows; "
                              "the checkpoint folder is inconsistent, re-run convert.py")
         self.processor = data.make_processor(self.cfg, tokenizer)
+        self._token = object()  # marks this model's conversations
         self.template = self.processor.template
         self.eos_ids = {tokenizer.eos_id} | {i for w in self.template.stop_words
                                              if (i := tokenizer.token_id_or_none(w)) is not None}
@@ -102,8 +124,11 @@ class Sa2VA:
         """Load a folder written by convert.py, or an official Hugging Face Sa2VA folder (converted
         while loading; `convert.py` keeps a converted copy). Defaults: CUDA, else MPS, else CPU;
         bf16 on GPU, fp32 on CPU."""
-        device = torch.device(device) if device is not None else default_device()
+        device = resolve_device(device)
         dtype = parse_dtype(dtype) or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+        if not os.path.isdir(path):
+            raise ValueError(f"model {path} is not a folder; give a folder written by convert.py or an official "
+                             "Sa2VA checkpoint folder")
         if convert.is_official(path):
             print(f"sa2va: {path} is an official checkpoint; converting it while loading "
                   f"(`python convert.py {path} DST` keeps a converted copy)", file=sys.stderr)
@@ -129,6 +154,8 @@ class Sa2VA:
             raise ValueError("give an image or a video, not both or neither")
         if mask_prompts is not None and (image is None or self.cfg.family != "internvl"):
             raise ValueError("mask_prompts (<vp> regions) need an image and an InternVL-family model")
+        if key_frames not in data.KEY_FRAME_MODES:
+            raise ValueError(f"unknown key-frame mode {key_frames!r}; use one of {', '.join(data.KEY_FRAME_MODES)}")
         if image is not None:
             image = data.load_image(image)
             media = self.processor.media(image=image, regions=self._one_region_set(mask_prompts))
@@ -137,7 +164,7 @@ class Sa2VA:
             video = video if isinstance(video, data.Video) else data.Video(video)
             keys = data.key_frame_indices(len(video), NUM_KEY_FRAMES, key_frames)
             media = self.processor.media(frames=[video.frame(t, keep=True) for t in keys])
-        return Conversation(media=media, image=image, video=video, key_frames=keys)
+        return Conversation(media=media, image=image, video=video, key_frames=keys, owner=self._token)
 
     def build_inputs(self, convs: list[Conversation], texts: list[str],
                      answers: list[str] | None = None) -> tuple[ModelInputs, list[data.Sample]]:
@@ -225,6 +252,12 @@ class Sa2VA:
         given answer teacher-forced. history= continues a conversation (same image/video).
         key_frames: 'first' (official: the first 5 frames) or 'uniform' (5 evenly spaced).
         """
+        generation = self._generation(max_new_tokens, temperature, top_p, seed)  # checked before any work
+        if history is not None and not isinstance(history, Conversation):
+            raise ValueError(f"history must be the Conversation of an earlier prediction (.history), got {type(history).__name__}")
+        if history is not None and history.owner not in (None, self._token):
+            raise ValueError("history comes from a conversation with another model; start a new conversation "
+                             "(its image tokens and vision features belong to that model)")
         if history is not None and history.text and (image is not None or video is not None):
             raise ValueError("a follow-up turn reuses the conversation's image or video; start a new conversation for new media")
         if image is not None or video is not None:
@@ -234,8 +267,7 @@ class Sa2VA:
         else:
             conv = history if history is not None else Conversation()
         inputs, samples = self.build_inputs([conv], [text], None if answer is None else [answer])
-        generation = None if answer is not None else self._generation(max_new_tokens, temperature, top_p, seed)
-        (tokens, prompts), = self.run_llm(inputs, samples, [conv], generation)
+        (tokens, prompts), = self.run_llm(inputs, samples, [conv], None if answer is not None else generation)
         pred = self._finish(conv, samples[0], tokens, prompts, teacher_forced=answer is not None)
         pred.masks = self.segment(conv, prompts, progress)
         return pred
@@ -248,6 +280,9 @@ class Sa2VA:
         Requests that share an image (the same object, e.g. several referring expressions) share
         its vision encoding too. Equal to calling predict() on each request.
         """
+        generation = self._generation(max_new_tokens, 0.0, 1.0, None)
+        if not texts:
+            raise ValueError("predict_batch got no requests; give lists of one image and one text per request")
         if len(images) != len(texts) or (answers is not None and len(answers) != len(texts)):
             raise ValueError(f"predict_batch got {len(images)} images, {len(texts)} texts"
                              f"{'' if answers is None else f', {len(answers)} answers'}; give one of each per request")
@@ -259,8 +294,7 @@ class Sa2VA:
                 started[id(image)] = self.encode_media(image=image)
         convs = [started[id(image)] for image in images]
         inputs, samples = self.build_inputs(convs, texts, answers)
-        generation = None if answers is not None else self._generation(max_new_tokens, 0.0, 1.0, None)
-        outs = self.run_llm(inputs, samples, convs, generation)
+        outs = self.run_llm(inputs, samples, convs, None if answers is not None else generation)
         preds, by_image = [], {}
         for conv, sample, (tokens, prompts) in zip(convs, samples, outs):
             pred = self._finish(conv, sample, tokens, prompts, teacher_forced=answers is not None)
@@ -293,7 +327,7 @@ class Sa2VA:
         """The answer text and the conversation for the next turn; prompts are dropped for a text-only turn."""
         text = self._strip_stop(self.tok.decode(tokens))
         history_text = sample.text if teacher_forced else sample.text + text + self.template.suffix + self.template.sep
-        history = Conversation(history_text, conv.media, conv.vision, conv.image, conv.video, conv.key_frames)
+        history = Conversation(history_text, conv.media, conv.vision, conv.image, conv.video, conv.key_frames, self._token)
         if conv.media is None:
             prompts = prompts[:0]  # text-only conversation: nothing to segment
         return Prediction(text, [], gcg_phrases(text, len(prompts)), history)
@@ -321,19 +355,10 @@ def overlay(frame: np.ndarray, masks: list[np.ndarray]) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def check_out_dir(out_dir: str):
-    """An output folder must be new or empty: we never delete what is already there."""
-    if os.path.exists(out_dir) and (not os.path.isdir(out_dir) or os.listdir(out_dir)):
-        raise ValueError(f"--out {out_dir} already exists and is not an empty folder; choose a new folder")
-
-
 def write_outputs(out_dir: str, pred: Prediction, image=None, video: data.Video | None = None):
-    """Masks as PNGs, an overlay and result.json (masks as compressed COCO RLE), written to a
-    temporary folder then moved into place."""
-    parent = os.path.dirname(os.path.abspath(out_dir))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".sa2va-", dir=parent)
-    try:
+    """Masks as PNGs, an overlay and result.json (masks as compressed COCO RLE), written whole
+    (cli.output_folder: nothing is left behind on an error or a signal)."""
+    with output_folder(out_dir) as tmp:
         result = {"text": pred.text, "objects": []}
         for k, m in enumerate(pred.masks):
             obj = {"phrase": pred.phrases[k] if k < len(pred.phrases) else "", "masks": [data.rle_encode(f) for f in m]}
@@ -347,13 +372,6 @@ def write_outputs(out_dir: str, pred: Prediction, image=None, video: data.Video 
             _write_overlay_video(os.path.join(tmp, "overlay.mp4"), video, pred.masks)
         with open(os.path.join(tmp, "result.json"), "w") as f:
             json.dump(result, f)
-        check_out_dir(out_dir)
-        if os.path.isdir(out_dir):
-            os.rmdir(out_dir)  # empty, checked above
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_overlay_video(path: str, video: data.Video, masks: list[np.ndarray]):
@@ -386,35 +404,40 @@ class ChatOptions:
     self_check: bool = arg(False, "run end to end on a tiny random checkpoint built on the fly")
 
 
-def main(argv=None):
-    opts = parse(ChatOptions, argv, "Chat with Sa2VA and segment images and videos.")
-    try:
+def chat(opts: ChatOptions):
+    """The command: every input and the --out folder are checked before the model loads."""
+    if opts.out:
+        check_output_folder(opts.out, "--out", not_inside=(opts.model,) if opts.model else ())
+    if opts.self_check:
+        vid = self_check(Sa2VA)
         if opts.out:
-            check_out_dir(opts.out)  # before the model runs, not after
-        if opts.self_check:
-            vid = self_check(Sa2VA)
-            if opts.out:
-                write_outputs(opts.out, vid, video=vid.history.video)
-                print(f"wrote {opts.out}")
-            return
-        if not opts.model or not opts.prompt:
-            raise ValueError("--model and --prompt are required (or --self-check to run on a tiny random model)")
-        if opts.image and opts.video:
-            raise ValueError("give --image or --video, not both")
-        model = Sa2VA.from_pretrained(opts.model, device=opts.device, dtype=opts.dtype)
-        prompt = opts.prompt
-        if (opts.image or opts.video) and "<image>" not in prompt:
-            prompt = "<image>\n" + prompt
-        pred = model.predict(image=opts.image, video=opts.video, text=prompt, answer=opts.answer,
-                             max_new_tokens=opts.max_new_tokens, key_frames=opts.key_frames, progress=True)
-        print(pred.text)
-        for k, m in enumerate(pred.masks):
-            print(f"object {k}: {pred.phrases[k]!r} {m.shape[0]} frame(s), {int(m.sum())} mask pixels")
-        if opts.out:
-            write_outputs(opts.out, pred, image=pred.history.image, video=pred.history.video)
+            write_outputs(opts.out, vid, video=vid.history.video)
             print(f"wrote {opts.out}")
-    except ValueError as e:
-        sys.exit(f"sa2va.py: {e}")
+        return
+    if not opts.model or not opts.prompt:
+        raise ValueError("--model and --prompt are required (or --self-check to run on a tiny random model)")
+    if opts.image and opts.video:
+        raise ValueError("give --image or --video, not both")
+    image = data.load_image(opts.image, f"--image {opts.image}") if opts.image else None
+    video = data.Video(opts.video) if opts.video else None
+    GenerationConfig(max_new_tokens=opts.max_new_tokens)  # a bad value fails now, not after loading
+    model = Sa2VA.from_pretrained(opts.model, device=opts.device, dtype=opts.dtype)
+    prompt = opts.prompt
+    if (image or video) and "<image>" not in prompt:
+        prompt = "<image>\n" + prompt
+    pred = model.predict(image=image, video=video, text=prompt, answer=opts.answer,
+                         max_new_tokens=opts.max_new_tokens, key_frames=opts.key_frames, progress=True)
+    print(pred.text)
+    for k, m in enumerate(pred.masks):
+        print(f"object {k}: {pred.phrases[k]!r} {m.shape[0]} frame(s), {int(m.sum())} mask pixels")
+    if opts.out:
+        write_outputs(opts.out, pred, image=pred.history.image, video=pred.history.video)
+        print(f"wrote {opts.out}")
+
+
+def main(argv=None):
+    opts = parse(ChatOptions, argv, "Chat with Sa2VA and segment images and videos.", prog="sa2va.py")
+    run("sa2va.py", lambda: chat(opts))
 
 
 if __name__ == "__main__":

@@ -145,7 +145,7 @@ def main():
                 "load_model dtype=fp32": "ours",
                 "naive load_file (official)": "official"}
         base = results["import torch (baseline)"]["peak"]
-        print(f"\nsize on disk: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in sizes.items())
+        print("\nsize on disk: " + ", ".join(f"{k} {v / GB:.2f} GB" for k, v in sizes.items())
               + f"; largest tensor {largest / GB:.2f} GB")
         print(f"{'step':<28}{'peak RSS':>10}{'anon max':>10}{'file max':>10}  {'(peak - base) / disk':<24}")
         for name, r in results.items():

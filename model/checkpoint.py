@@ -81,10 +81,14 @@ class SafetensorsReader:
 
     def __init__(self, path: str):
         self.path = path
+        if os.path.isdir(path):
+            raise ValueError(f"checkpoint file {path} is a folder, not a .safetensors file")
         try:
             self._fd = os.open(path, os.O_RDONLY)
         except FileNotFoundError:
             raise ValueError(f"checkpoint file {path} is missing") from None
+        except OSError as e:  # a symlink loop, no permission, ...
+            raise ValueError(f"checkpoint file {path} cannot be opened ({e.strerror})") from None
         try:
             size = os.fstat(self._fd).st_size
             (n,) = struct.unpack("<Q", os.pread(self._fd, 8, 0))
@@ -164,13 +168,22 @@ def load_model(path: str, device="cpu", dtype: torch.dtype | None = None) -> Sa2
 def load_tensors(cfg: Sa2VAConfig, tensors: Iterable[tuple[str, torch.Tensor]], device="cpu",
                  dtype: torch.dtype | None = None, what: str = "checkpoint") -> Sa2VAModel:
     """Build on meta and assign every (name, tensor) strictly, each cast to dtype (if floating)
-    and moved to device as it arrives, so at most one extra tensor is held at a time."""
+    and moved to device as it arrives, so at most one extra tensor is held at a time. Tensors
+    that are not floating point, or hold NaN or inf, are named in the error."""
     model = build_model(cfg)
-    sd = {}
+    sd, not_float, not_finite = {}, [], []
     for k, t in tensors:
+        if not t.is_floating_point():
+            not_float.append(f"{k} ({str(t.dtype).removeprefix('torch.')})")
+        elif not bool(torch.isfinite(t).all()):
+            not_finite.append(k)
         if dtype is not None and t.is_floating_point():
             t = t.to(dtype)
         sd[k] = t.to(device)
     check_keys({k: tuple(v.shape) for k, v in model.state_dict().items()}, {k: tuple(v.shape) for k, v in sd.items()}, what)
+    for problem, names in (("are not float tensors", not_float), ("hold NaN or inf", not_finite)):
+        if names:
+            raise ValueError(f"{what}: {len(names)} tensor(s) {problem}: {', '.join(names[:5])}"
+                             f"{' ...' if len(names) > 5 else ''}; the checkpoint is damaged, re-convert or re-download it")
     model.load_state_dict(sd, strict=True, assign=True)
     return model.eval()

@@ -5,6 +5,7 @@ or when the decoded text ends with a stop word (after deleting '\\r' and '\\n', 
 StopWordStoppingCriteria does), and keep the last-layer hidden state of every fed token so the
 `[SEG]` bridge can read it. Adds what the official path lacks: sampling and batches.
 """
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -22,6 +23,16 @@ class GenerationConfig:
     top_p: float = 1.0
     stop_words: tuple[str, ...] = ()
     seed: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0 (0 is greedy), got {self.temperature!r}")
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), got {self.top_p!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed must be a whole number or None, got {self.seed!r}")
 
 
 @dataclass

@@ -95,9 +95,11 @@ class Tokenizer:
         for name in ("tokenizer.json", "tokenizer_meta.json"):
             if not os.path.isfile(os.path.join(directory, name)):
                 raise ValueError(f"{directory} has no {name}; re-run convert.py to write the tokenizer")
-        with open(os.path.join(directory, "tokenizer_meta.json"), encoding="utf-8") as f:
-            meta = json.load(f)
-        return cls(_Backend.from_file(os.path.join(directory, "tokenizer.json")), meta)
+        meta = _read_json(os.path.join(directory, "tokenizer_meta.json"))
+        try:
+            return cls(_backend_from_file(os.path.join(directory, "tokenizer.json")), meta)
+        except (KeyError, TypeError) as e:
+            raise ValueError(f"{directory}/tokenizer_meta.json lacks or mistypes {e}; re-run convert.py") from None
 
     # transformers 4.x PreTrainedTokenizer._decode with spaces_between_special_tokens=True.
     def _decode_internlm2(self, ids, skip_special_tokens):
@@ -168,8 +170,24 @@ def _clean_up_tokenization(s: str) -> str:
 def _read_json(path, required=True):
     if not required and not os.path.isfile(path):
         return {}
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} is missing; the tokenizer files of the checkpoint are incomplete")
     with open(path, encoding="utf-8") as f:
-        return json.load(f)
+        try:
+            out = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ValueError(f"{path} is not valid JSON ({e}); re-download the tokenizer files") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path} is not a JSON object; re-download the tokenizer files")
+    return out
+
+
+def _backend_from_file(path: str) -> _Backend:
+    try:
+        return _Backend.from_file(path)
+    except Exception as e:  # the tokenizers library raises a bare Exception for any unreadable file
+        raise ValueError(f"{path} is not a tokenizer file `tokenizers` can read ({' '.join(str(e).split())[:200]}); "
+                         "re-download it (or re-run convert.py)") from None
 
 
 def _hf_added_and_special(src):
@@ -209,7 +227,7 @@ def load_official_tokenizer(src: str) -> Tokenizer:
         raise ValueError(f"{src} has neither tokenizer.json (Qwen) nor tokenizer.model (InternLM2); "
                                 "pass the checkpoint folder")
     cfg, added, named, additional = _hf_added_and_special(src)
-    backend = _Backend.from_file(os.path.join(src, "tokenizer.json"))
+    backend = _backend_from_file(os.path.join(src, "tokenizer.json"))
     _add_with_ids(backend, added, src)
     for tok in [*named.values(), *additional]:
         if backend.token_to_id(tok) is None:

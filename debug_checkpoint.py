@@ -30,10 +30,6 @@ def added_tokens(family: str) -> list[str]:
     return base + SA2VA_TOKENS
 
 
-def vocab_size(family: str) -> int:
-    return 256 + len(added_tokens(family))
-
-
 def write_tokenizer(dst: str, family: str, vocab_size: int | None = None):
     """A Qwen-style byte-level BPE without merges, saved as an official tokenizer folder.
 
@@ -98,7 +94,7 @@ def write_official_checkpoint(dst: str, cfg: Sa2VAConfig, seed: int = 0, shards:
 
 
 def debug_checkpoint(dst: str, family: str = "internvl", llm: str = "qwen2", shards: int = 1, seed: int = 0) -> Sa2VAConfig:
-    cfg = debug_config(family, llm=llm, vocab_size=vocab_size(family))
+    cfg = debug_config(family, llm=llm)
     write_official_checkpoint(dst, cfg, seed=seed, shards=shards)
     return cfg
 

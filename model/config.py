@@ -418,20 +418,22 @@ PRESETS: dict[str, Sa2VAConfig] = {
         image_token_id=QWEN_IMAGE_PAD_ID, seg_token_id=151669),
 }
 
-# The ids debug_checkpoint.write_tokenizer gives the visual-token slot and [SEG]: 256 byte
-# tokens, 3 Qwen specials, then 9 InternVL tokens or 5 Qwen-VL vision tokens, then the Sa2VA tokens.
-DEBUG_TOKEN_IDS = {"internvl": (261, 268), "qwen2_5_vl": (262, 264), "qwen3_vl": (262, 264)}
+# The size of debug_checkpoint.write_tokenizer's tokenizer and the ids it gives the visual-token
+# slot and [SEG]: 256 byte tokens, 3 Qwen specials, then 9 InternVL tokens or 5 Qwen-VL vision
+# tokens, then the 5 Sa2VA tokens.
+DEBUG_TOKENIZER = {"internvl": (273, 261, 268), "qwen2_5_vl": (269, 262, 264), "qwen3_vl": (269, 262, 264)}
 
 
-def debug_config(family: str = "internvl", llm: str = "qwen2", vocab_size: int = 512, sam2: bool = True,
+def debug_config(family: str = "internvl", llm: str = "qwen2", vocab_size: int | None = None, sam2: bool = True,
                  image_token_id: int | None = None, seg_token_id: int | None = None) -> Sa2VAConfig:
     """A tiny random-weight model of a family for tests and the self-check (not a released model).
 
-    Token ids default to those of debug_checkpoint's tokenizer.
+    The vocabulary and token ids default to those of debug_checkpoint's tokenizer.
     """
     if family not in FAMILIES:
         raise ValueError(f"unknown family {family!r}; expected one of {FAMILIES}")
-    default_image, default_seg = DEBUG_TOKEN_IDS[family]
+    default_vocab, default_image, default_seg = DEBUG_TOKENIZER[family]
+    vocab_size = default_vocab if vocab_size is None else vocab_size
     ids = dict(image_token_id=default_image if image_token_id is None else image_token_id,
                seg_token_id=default_seg if seg_token_id is None else seg_token_id)
     tiny_sam2 = SAM2Config.debug() if sam2 else None

@@ -32,7 +32,7 @@ def processor(request, tmp_path_factory):
         backend.save(str(folder / "tokenizer.json"))
         config = json.loads((folder / "tokenizer_config.json").read_text())
         (folder / "tokenizer_config.json").write_text(json.dumps(config | {"bos_token": "<|endoftext|>"}))
-    cfg = debug_config(family, llm, vocab_size=debug_checkpoint.vocab_size(family))
+    cfg = debug_config(family, llm)
     return data.make_processor(cfg, load_official_tokenizer(str(folder)))
 
 
@@ -204,3 +204,12 @@ def test_a_generation_prompt_has_no_answer_span(processor):
     s = processor([("hi", "Hello."), ("and now?", None)])
     L = len(s.input_ids)
     assert s.answer == (L, L) and s.labels[-1] == data.IGNORE
+
+
+@pytest.mark.parametrize("family", ["internvl", "qwen2_5_vl", "qwen3_vl"])
+def test_debug_presets_match_the_debug_tokenizer(family, tmp_path):
+    debug_checkpoint.write_tokenizer(str(tmp_path), family)
+    tok = load_official_tokenizer(str(tmp_path))
+    cfg = debug_config(family)
+    assert (len(tok), tok.token_to_id(data.image_token(family)), tok.token_to_id(data.SEG)) == \
+        (cfg.llm.vocab_size, cfg.image_token_id, cfg.seg_token_id)

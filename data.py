@@ -25,6 +25,7 @@ differ by up to 2 grey levels on under 1% of pixels; `resize="torch"` (default) 
 fast path, `resize="pil"` the slow one. Normalisation is (x/255 - mean)/std in fp32 for both
 (the fast processor fuses it; the results differ by ~1e-7).
 """
+import json
 import math
 import os
 import re
@@ -38,6 +39,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from model.config import NUM_KEY_FRAMES, Qwen25VisionConfig, Qwen3VisionConfig, Sa2VAConfig
 from model.llm import mrope_positions
+from model.losses import match_objects
 from model.sa2va import ModelInputs
 from model.tokenizer import Tokenizer
 
@@ -472,6 +474,7 @@ class Sample:
     num_seg: int  # [SEG] tokens in input_ids
     media: Media | None = None
     mask_queries: torch.Tensor | None = None  # (P, 2) ([SEG] index in the sample, SAM-2 frame)
+    mask_targets: torch.Tensor | None = None  # (P, 4g, 4g) bool ground truth of each query (training)
 
 
 Turns = list[tuple[str, str | None]]  # (user text, answer or None for the generation prompt)
@@ -665,7 +668,7 @@ def collate(samples: list[Sample], pad: str = "right") -> ModelInputs:
     labels = torch.full((B, L), IGNORE, dtype=torch.long)
     key_mask = torch.zeros(B, L, dtype=torch.bool)
     positions = torch.zeros((3, B, L) if mrope else (B, L), dtype=torch.long)
-    pixels, grids, rows, frames, queries = [], [], [], [], []
+    pixels, grids, rows, frames, queries, targets = [], [], [], [], [], []
     n_rows = n_seg = n_frames = 0
     for b, s in enumerate(samples):
         n = len(s.input_ids)
@@ -680,6 +683,8 @@ def collate(samples: list[Sample], pad: str = "right") -> ModelInputs:
             n_rows += s.media.num_vision_rows
         if s.mask_queries is not None:
             queries.append(s.mask_queries + torch.tensor([n_seg, n_frames]))
+            if s.mask_targets is not None:
+                targets.append(s.mask_targets)
         if s.media is not None and s.media.sam2_frames is not None:
             frames.append(s.media.sam2_frames)
             n_frames += len(s.media.sam2_frames)
@@ -687,7 +692,160 @@ def collate(samples: list[Sample], pad: str = "right") -> ModelInputs:
     return ModelInputs(ids, positions, None if bool(key_mask.all()) else key_mask,
                        torch.cat(pixels) if pixels else None, torch.cat(grids) if grids else None,
                        torch.cat(rows) if rows else None, torch.cat(frames) if frames else None,
-                       torch.cat(queries) if queries else None, labels)
+                       torch.cat(queries) if queries else None, labels,
+                       torch.cat(targets) if targets and len(targets) == len(queries) else None)
+
+
+# ----------------------------------------------------------------------------- training data
+
+@dataclass
+class Skipped:
+    """A record that cannot become a training sample, and why (reported, or fatal with --strict)."""
+    line: int  # 1-based line of the JSONL file
+    reason: str
+
+
+def sample_frames(num_frames: int, rng: np.random.Generator, k: int = NUM_KEY_FRAMES) -> list[int]:
+    """The k training frames of a video, sorted (Sa2VA03RefVOS): distinct ones from a clip of more
+    than k + 1 frames, else drawn with replacement."""
+    if num_frames > k + 1:
+        return sorted(rng.choice(num_frames, k, replace=False).tolist())
+    return sorted(rng.choice(num_frames, k, replace=True).tolist())
+
+
+class TrainingData:
+    """Training samples from a JSONL file, one sample a line, LLaVA-style:
+
+        {"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\\nPlease segment the cat."},
+         {"from": "gpt", "value": "Sure, [SEG]."}], "masks": [MASK, ...]}
+
+    masks follow the [SEG] tokens of the answers in order. A video is "video": "clip.mp4" or a
+    list of frame files, with "masks": [[MASK or null for every frame of the video], ...] per
+    object; its training frames are sampled as the official video datasets do. "regions":
+    [MASK, ...] are <vp> region prompts (InternVL family). MASK is COCO RLE (compressed or not)
+    or a list of polygons. Paths are relative to the JSONL file.
+
+    `data[epoch, index]` is a Sample (with mask queries and targets: per frame, the objects the
+    official 5-per-frame rule keeps) or a Skipped; each sample's randomness (frames, objects)
+    comes from (seed, epoch, index), so it does not depend on workers, ranks or resumption.
+    """
+
+    def __init__(self, path: str, processor: Processor, seed: int = 0, max_length: int = 8192):
+        self.path, self.root = path, os.path.dirname(os.path.abspath(path))
+        self.processor, self.seed, self.max_length = processor, seed, max_length
+        self.records: list[dict | Skipped] = []
+        with open(path, encoding="utf-8") as f:
+            for line, text in enumerate(f, 1):
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as e:
+                    record = Skipped(line, f"not JSON ({e})")
+                if not isinstance(record, (dict, Skipped)):
+                    record = Skipped(line, "not a JSON object")
+                if isinstance(record, dict):
+                    record["_line"] = line
+                self.records.append(record)
+        if not self.records:
+            raise ValueError(f"{path} holds no samples; give one JSON object a line (see the README)")
+        sam2 = processor.cfg.sam2
+        self.mask_size = 4 * sam2.grid if sam2 is not None else None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def length(self, index: int) -> int:
+        """A rough token count for grouping samples of similar length into batches."""
+        r = self.records[index]
+        if isinstance(r, Skipped):
+            return 0
+        text = sum(len(str(t.get("value", ""))) for t in r.get("conversations", []) if isinstance(t, dict))
+        return text // 3 + (5000 if "video" in r else 1000 if "image" in r else 0)
+
+    def __getitem__(self, key: tuple[int, int]) -> Sample | Skipped:
+        epoch, index = key
+        record = self.records[index]
+        if isinstance(record, Skipped):
+            return record
+        rng = np.random.default_rng([self.seed, epoch, index])
+        try:
+            return self._sample(record, rng)
+        except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
+            return Skipped(record["_line"], _one_line(e))
+
+    def _path(self, p) -> str:
+        if not isinstance(p, str):
+            raise ValueError(f"a path must be a string, got {type(p).__name__}")
+        return os.path.join(self.root, p)
+
+    def _sample(self, record: dict, rng: np.random.Generator) -> Sample | Skipped:
+        line = record["_line"]
+        turns = _turns(record.get("conversations"))
+        if "image" in record and "video" in record:
+            return Skipped(line, "has both image and video; give one")
+        media, masks = None, np.zeros((0, 1, 1, 1), dtype=bool)  # (objects, frames, H, W)
+        if "image" in record:
+            image = load_image(self._path(record["image"]))
+            W, H = image.size
+            regions = record.get("regions")
+            regions = np.stack([decode_mask(m, H, W) for m in regions]) if regions else None
+            media = self.processor.media(image=image, regions=regions)
+            given = record.get("masks") or []
+            masks = np.stack([decode_mask(m, H, W) for m in given])[:, None] if given else np.zeros((0, 1, H, W), bool)
+        elif "video" in record:
+            source = record["video"]
+            video = Video([self._path(p) for p in source] if isinstance(source, list) else self._path(source))
+            T, (W, H) = len(video), video.size
+            chosen = sample_frames(T, rng)
+            media = self.processor.media(frames=[video.frame(t) for t in chosen])
+            objects = []
+            for k, per_frame in enumerate(record.get("masks", [])):
+                if not isinstance(per_frame, list) or len(per_frame) != T:
+                    n = len(per_frame) if isinstance(per_frame, list) else "no list of"
+                    return Skipped(line, f"object {k} has masks for {n} frames but the video has {T}")
+                objects.append(np.stack([decode_mask(per_frame[t], H, W) if per_frame[t] is not None
+                                         else np.zeros((H, W), bool) for t in chosen]))
+            if objects:
+                masks = np.stack(objects)
+        elif record.get("masks") or record.get("regions"):
+            return Skipped(line, "has masks but no image or video")
+        sample = self.processor(turns, media)
+        if sample.num_seg != len(masks):
+            return Skipped(line, f"its answers hold {sample.num_seg} [SEG] but it gives {len(masks)} masks")
+        if len(sample.input_ids) > self.max_length:
+            return Skipped(line, f"it is {len(sample.input_ids)} tokens, more than max_length {self.max_length}")
+        if len(masks) and self.mask_size is not None:
+            gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+            queries, targets = [], []
+            small = F.interpolate(torch.from_numpy(masks).float(), size=(self.mask_size,) * 2, mode="nearest") > 0
+            for f in range(masks.shape[1]):  # official check_obj_number, frame by frame
+                for k in match_objects(sample.num_seg, len(masks), gen):
+                    queries.append((k, f))
+                    targets.append(small[k, f])
+            sample.mask_queries = torch.tensor(queries, dtype=torch.long)
+            sample.mask_targets = torch.stack(targets)
+        return sample
+
+
+def _turns(conversations) -> Turns:
+    """LLaVA conversations [{"from": "human", "value"}, {"from": "gpt", "value"}, ...] -> turns."""
+    if not isinstance(conversations, list) or not conversations:
+        raise ValueError("has no conversations list")
+    if len(conversations) % 2:
+        raise ValueError(f"has {len(conversations)} conversation entries; give human/gpt pairs")
+    turns = []
+    for i in range(0, len(conversations), 2):
+        human, gpt = conversations[i], conversations[i + 1]
+        if not (isinstance(human, dict) and isinstance(gpt, dict) and human.get("from") == "human"
+                and gpt.get("from") == "gpt"):
+            raise ValueError(f"conversation entries {i} and {i + 1} are not a human turn then a gpt turn")
+        turns.append((human.get("value"), gpt.get("value")))
+    return turns
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 # ----------------------------------------------------------------------------- masks
@@ -715,6 +873,86 @@ def rle_encode(mask: np.ndarray) -> dict:
     return {"size": list(mask.shape), "counts": "".join(out)}
 
 
+def _runs_to_mask(counts: list[int], h: int, w: int) -> np.ndarray:
+    flat = np.zeros(h * w, dtype=bool)
+    pos = 0
+    for i, c in enumerate(counts):
+        if i % 2:
+            flat[pos:pos + c] = True
+        pos += c
+    if pos != h * w:
+        raise ValueError(f"RLE counts cover {pos} pixels but size {h}x{w} has {h * w}; the mask is corrupt")
+    return flat.reshape(w, h).T
+
+
+def polygon_mask(xy: list[float], h: int, w: int) -> np.ndarray:
+    """One COCO polygon [x0, y0, x1, y1, ...] -> (h, w) bool, pixel for pixel as pycocotools'
+    `frPyObjects` + `decode` (maskApi.c `rleFrPoly`): the outline is walked at 5x resolution,
+    its crossings of pixel columns give the run boundaries."""
+    pts = np.asarray(xy, dtype=np.float64).reshape(-1, 2)
+    k, scale = len(pts), 5.0
+    x = np.append((scale * pts[:, 0] + 0.5).astype(np.int64), 0)  # C's (int) truncates toward zero
+    y = np.append((scale * pts[:, 1] + 0.5).astype(np.int64), 0)
+    x[k], y[k] = x[0], y[0]
+    us, vs = [], []
+    for j in range(k):  # dense integer points along each edge, walked from its lower end
+        xs, xe, ys, ye = int(x[j]), int(x[j + 1]), int(y[j]), int(y[j + 1])
+        dx, dy = abs(xe - xs), abs(ys - ye)
+        flip = (dx >= dy and xs > xe) or (dx < dy and ys > ye)
+        if flip:
+            xs, xe, ys, ye = xe, xs, ye, ys
+        if dx >= dy:
+            slope = (ye - ys) / dx if dx else 0.0
+            t = np.arange(dx + 1)
+            t = dx - t if flip else t
+            us.append(t + xs)
+            vs.append((ys + slope * t + 0.5).astype(np.int64))  # truncation toward zero, as C's (int)
+        else:
+            slope = (xe - xs) / dy
+            t = np.arange(dy + 1)
+            t = dy - t if flip else t
+            vs.append(t + ys)
+            us.append((xs + slope * t + 0.5).astype(np.int64))
+    u, v = np.concatenate(us), np.concatenate(vs)
+    # where the outline moves to another column: a boundary point of that column, downsampled
+    change = np.flatnonzero(u[1:] != u[:-1]) + 1
+    xd = np.where(u[change] < u[change - 1], u[change], u[change] - 1).astype(np.float64)
+    xd = (xd + 0.5) / scale - 0.5
+    keep = (np.floor(xd) == xd) & (xd >= 0) & (xd <= w - 1)
+    yd = np.minimum(v[change], v[change - 1]).astype(np.float64)
+    yd = np.ceil(np.clip((yd + 0.5) / scale - 0.5, 0, h))
+    a = np.sort(np.append(xd[keep].astype(np.int64) * h + yd[keep].astype(np.int64), h * w))
+    a = np.diff(np.concatenate([[0], a]))
+    counts, j = [int(a[0])], 1
+    while j < len(a):  # zero-length runs merge their neighbours (rleFrPoly's last loop)
+        if a[j] > 0:
+            counts.append(int(a[j]))
+            j += 1
+        else:
+            j += 1
+            if j < len(a):
+                counts[-1] += int(a[j])
+                j += 1
+    return _runs_to_mask(counts, h, w)
+
+
+def decode_mask(mask, h: int, w: int) -> np.ndarray:
+    """A mask as datasets give it -> (h, w) bool: COCO RLE (compressed or a list of counts, of
+    size h x w) or a list of polygons (OR-ed)."""
+    if isinstance(mask, dict):
+        if list(mask.get("size", [])) != [h, w]:
+            raise ValueError(f"an RLE mask has size {mask.get('size')} but the image is {h}x{w}")
+        return rle_decode(mask)
+    if isinstance(mask, list) and mask and all(isinstance(p, list) for p in mask):
+        if any(len(p) < 6 or len(p) % 2 for p in mask):
+            raise ValueError("a polygon needs at least 3 (x, y) points")
+        out = np.zeros((h, w), dtype=bool)
+        for p in mask:
+            out |= polygon_mask(p, h, w)
+        return out
+    raise ValueError(f"a mask must be COCO RLE ({{'size', 'counts'}}) or a list of polygons, got {type(mask).__name__}")
+
+
 def rle_decode(rle: dict) -> np.ndarray:
     """A COCO RLE (compressed string or uncompressed list of counts) -> (H, W) bool mask."""
     h, w = rle["size"]
@@ -732,12 +970,4 @@ def rle_decode(rle: dict) -> np.ndarray:
             runs.append(x + runs[-2] if len(runs) > 2 else x)
             x, k = 0, 0
         counts = runs
-    flat = np.zeros(h * w, dtype=bool)
-    pos = 0
-    for i, c in enumerate(counts):
-        if i % 2:
-            flat[pos:pos + c] = True
-        pos += c
-    if pos != h * w:
-        raise ValueError(f"RLE counts cover {pos} pixels but size {h}x{w} has {h * w}; the mask is corrupt")
-    return flat.reshape(w, h).T
+    return _runs_to_mask(counts, h, w)

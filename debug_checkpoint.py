@@ -63,15 +63,21 @@ def write_tokenizer(dst: str, family: str, vocab_size: int | None = None):
         json.dump({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, f)
 
 
-def write_official_checkpoint(dst: str, cfg: Sa2VAConfig, seed: int = 0, shards: int = 1) -> dict[str, torch.Tensor]:
-    """Random weights for `cfg` written as an official Sa2VA folder; returns the official state dict."""
+def random_state(cfg: Sa2VAConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random weights for `cfg` (our names): each module's default init, plus the position
+    tables, which that init leaves at zero."""
     torch.manual_seed(seed)
     model = build_model(cfg, device="cpu")
-    with torch.no_grad():  # the default init leaves LayerScale at 1 and the position tables at 0
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith(("pos_embed", "cls_token")):
                 p.normal_(0, 0.02)
-    official = convert.unapply_map(model.state_dict(), convert.key_map(cfg), cfg.llm)
+    return model.state_dict()
+
+
+def write_official_checkpoint(dst: str, cfg: Sa2VAConfig, seed: int = 0, shards: int = 1) -> dict[str, torch.Tensor]:
+    """Random weights for `cfg` written as an official Sa2VA folder; returns the official state dict."""
+    official = convert.unapply_map(random_state(cfg, seed), convert.key_map(cfg), cfg.llm)
     os.makedirs(dst, exist_ok=True)
     keys = sorted(official)
     parts = [keys[i::shards] for i in range(shards)]

@@ -214,8 +214,7 @@ class LLM(nn.Module):
         self.caches: nn.ModuleList | None = None
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        w = self.embed_tokens.weight if self.cfg.tie_embeddings else self.lm_head.weight
-        return F.linear(h, w)
+        return F.linear(h, self.embed_tokens.weight) if self.cfg.tie_embeddings else self.lm_head(h)
 
     def setup_cache(self, batch: int, max_len: int):
         p = self.embed_tokens.weight

@@ -43,9 +43,12 @@ class ModelInputs:
     # fills it (tiles in order, then InternVL's <vp> region rows picked from the last tile).
     visual_rows: Tensor | None = None  # (N_slots,) long
     sam2_frames: Tensor | None = None  # (F, 3, S, S) uint8, resized for SAM-2
-    # (P, 2) long: decode [SEG] number i (counted over the batch, row by row) on frame f of sam2_frames.
+    # (P, 2) long: decode [SEG] number i (counted over the batch, row by row) on frame f of
+    # sam2_frames. None: no SAM-2 work. Empty (0, 2): a training batch without masks; SAM-2
+    # decodes a stand-in so that every parameter takes part (the same graph on every process).
     mask_queries: Tensor | None = None
     labels: Tensor | None = None  # (B, L) long, -100 where no loss (training)
+    mask_targets: Tensor | None = None  # (P, 4g, 4g) bool: the ground truth of each mask query (training)
 
     def to(self, device, dtype: torch.dtype | None = None) -> "ModelInputs":
         """Move every tensor to device; floating ones (pixel values) also to dtype."""
@@ -58,10 +61,10 @@ class ModelInputs:
 
 @dataclass
 class ModelOutput:
-    logits: Tensor | None  # (B, L, V) next-token logits (None when not asked for)
+    logits: Tensor | None  # (B, L, V) next-token logits, (N, V) at the positions asked for, or None
     hidden: Tensor  # (B, L, D) the hidden state [SEG] reads (pre- or post-norm, per config)
     seg_prompts: Tensor  # (N_seg, seg_dim): text_hidden_fcs of every [SEG] input token, row by row
-    mask_logits: Tensor | None  # (P, 1, 4g, 4g) fp32 low-res logits, one per mask query
+    mask_logits: Tensor | None  # (P, 1, 4g, 4g) fp32 low-res logits, one per mask query (P may be 0)
 
 
 class Sa2VAModel(nn.Module):
@@ -79,11 +82,14 @@ class Sa2VAModel(nn.Module):
         if cfg.sam2 is not None:
             self.grounding = SAM2Bridge(cfg.sam2)
 
-    def forward(self, inputs: ModelInputs, vision: VisionOutput | None = None, logits: bool = True) -> ModelOutput:
+    def forward(self, inputs: ModelInputs, vision: VisionOutput | None = None,
+                logits: bool | Tensor = True) -> ModelOutput:
         """Teacher-forced pass: LM logits, the [SEG] prompts and SAM-2 mask logits per mask query.
 
         vision: the vision tower's output for inputs.pixel_values when already computed (a
-        conversation's follow-up turn); logits=False skips the LM head (inference needs only [SEG]).
+        conversation's follow-up turn). logits: True for (B, L, V), False for none (inference
+        needs only [SEG]), or a (B, L) bool mask for (N, V) at those positions (training reads
+        only the answers', see losses.loss_positions: the full (B, L, V) is the largest tensor).
         """
         if vision is None and inputs.pixel_values is not None:
             vision = self.vision(inputs.pixel_values, inputs.grid_thw)
@@ -97,7 +103,16 @@ class Sa2VAModel(nn.Module):
         masks = None
         if inputs.mask_queries is not None and len(inputs.mask_queries):
             masks = self.decode_masks(inputs.sam2_frames, prompts, inputs.mask_queries)
-        return ModelOutput(self.llm.logits(h_post) if logits else None, hidden, prompts, masks)
+        elif inputs.mask_queries is not None:  # a stand-in: a blank frame, the first token's state
+            s = self.cfg.sam2.image_size
+            blank = torch.zeros(1, 3, s, s, dtype=torch.uint8, device=hidden.device)
+            stand_in = self.text_hidden_fcs(hidden[:1, 0])
+            masks = self.decode_masks(blank, stand_in, torch.zeros(1, 2, dtype=torch.long, device=hidden.device))[:0].clone()
+        if isinstance(logits, Tensor):
+            out_logits = self.llm.logits(h_post[logits])
+        else:
+            out_logits = self.llm.logits(h_post) if logits else None
+        return ModelOutput(out_logits, hidden, prompts, masks)
 
     def embed_inputs(self, inputs: ModelInputs, vision: VisionOutput | None) -> tuple[Tensor, list[Tensor] | None, Tensor]:
         """Token embeddings with the visual rows spliced in, the deepstack features for those
@@ -124,7 +139,7 @@ class Sa2VAModel(nn.Module):
         if n_slots != n_vis:
             raise ValueError(f"the prompt has {n_slots} image-context tokens but the vision tower gave {n_vis} "
                              "embeddings; build prompts with data.py so the two agree")
-        if n_vis:
+        if visual is not None:  # also with no rows: a blank image still joins the graph (training)
             x = x.masked_scatter(slots[..., None], visual.to(x.dtype))
         return x
 

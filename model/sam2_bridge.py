@@ -361,7 +361,7 @@ class SAM2Bridge(nn.Module):
         )  # masks (N, 3, 4g, 4g), ious (N, 3), tokens (N, 3, d): the 3 multimask outputs
         best = ious.argmax(dim=-1)
         rows = torch.arange(n, device=pix.device)
-        logits = masks[rows, best][:, None].float()  # (N, 1, 4g, 4g)
+        logits = masks[rows[:, None], best[:, None]].float()  # (N, 1, 4g, 4g), a new tensor (not a view)
         ptr = self.sam2.obj_ptr_proj(tokens[rows, best])  # (N, d)
         is_obj = (score > 0).to(ptr.dtype)  # (N, 1)
         ptr = is_obj * ptr + (1 - is_obj) * self.sam2.no_obj_ptr  # fixed_no_obj_ptr

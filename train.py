@@ -1,0 +1,487 @@
+"""Train or fine-tune Sa2VA on FSDP2, with the official recipe, on your data.
+
+    python train.py --model debug-internvl --data samples.jsonl --out runs/tiny --steps 50      # one process
+    torchrun --nproc_per_node 8 train.py --model checkpoints/Sa2VA-1B --data mine.jsonl --out runs/ft
+    torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...
+
+What is trained (projects/sa2va/configs, the released recipes): LoRA on the LLM's linear
+layers (r 128, alpha 256, dropout 0.05), the token embeddings and LM head in full, the InternVL
+projector (`mlp1`), SAM-2's mask decoder and `text_hidden_fcs`; the vision tower, the rest of
+SAM-2 and the LLM's base weights are frozen. AdamW (lr 4e-5, weight decay 0.05, betas
+0.9/0.999), linear warm-up over the first 5% of steps then cosine to 0, gradients clipped at 1.0.
+Loss: next-token cross-entropy + 2.0 x mask BCE + 0.5 x dice on 12,544 sampled points.
+
+Reads top to bottom: config -> distributed init -> the run folder (new, or resumed) -> the
+model on the meta device -> freeze + LoRA -> activation checkpointing -> compile ->
+fully_shard per block, then the root -> weights -> AdamW -> data -> resume -> the loop ->
+checkpoints -> the export of final/ (LoRA merged, our format: `Sa2VA.from_pretrained` loads it,
+`convert.py --to-official` turns it into the official layout).
+
+Every --save-every steps and on SIGTERM a checkpoint (torch.distributed.checkpoint, sharded:
+the trained weights and the optimizer state) goes to --out/checkpoints; running the same
+command again resumes from the newest complete one and continues the loss curve exactly. The
+randomness of a micro-batch (dropout, point sampling, data sampling) is seeded by the seed, the
+step and the micro-batch's place in the global batch, so it does not depend on the number of
+processes or on resumption. The global batch is --batch-size samples whatever the number of
+processes; each process runs --batch-size / (processes x --micro-batch-size) micro-batches.
+"""
+import dataclasses
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from tqdm import tqdm
+
+import convert
+import data
+import debug_checkpoint
+from cli import arg, check_output_folder, output_folder, parse, run
+from model.checkpoint import SafetensorsReader, parse_dtype, write_safetensors
+from model.config import Sa2VAConfig, preset, preset_names
+from model.lora import apply_lora, lora_modules, merge_lora
+from model.losses import loss_positions, lm_loss_at, mask_losses
+from model.sa2va import ModelInputs, Sa2VAModel
+from model.tokenizer import Tokenizer, load_official_tokenizer
+
+
+@dataclass
+class TrainConfig:
+    model: str = arg(help="a folder written by convert.py, an official Sa2VA folder, or a debug-* preset "
+                          "(random weights)")
+    data: str = arg(help="training samples: a JSONL file, one sample a line (see the README)")
+    out: str = arg(help="the run folder: checkpoints, metrics.jsonl, final/ (an existing run is resumed)")
+    steps: int = arg(1000, "optimizer steps")
+    batch_size: int = arg(16, "samples per optimizer step, over all processes")
+    micro_batch_size: int = arg(1, "samples per forward pass of a process")
+    lr: float = arg(4e-5, "peak learning rate")
+    weight_decay: float = arg(0.05, "AdamW weight decay (all trained parameters)")
+    warmup_ratio: float = arg(0.05, "share of the steps with a linear warm-up")
+    max_grad_norm: float = arg(1.0, "gradient clipping")
+    lora_r: int = arg(128, "LoRA rank")
+    lora_alpha: float = arg(256.0, "LoRA alpha (the update is scaled by alpha / r)")
+    lora_dropout: float = arg(0.05, "dropout on the LoRA input")
+    max_length: int = arg(8192, "samples with more tokens are skipped")
+    save_every: int = arg(500, "steps between checkpoints")
+    keep_checkpoints: int = arg(2, "checkpoints kept (the newest ones)")
+    seed: int = arg(0, "seed of the LoRA init, the data order and every micro-batch's randomness")
+    workers: int = arg(2, "data-loading processes per training process")
+    param_dtype: str | None = arg(None, "compute dtype of the sharded weights (default: bf16 on GPU, fp32 on CPU)")
+    activation_checkpointing: bool = arg(True, "recompute the LLM blocks in the backward pass")
+    compile: bool = arg(False, "torch.compile every block")
+    strict: bool = arg(False, "stop at the first bad sample instead of skipping it")
+
+
+# Options that change nothing a run computes (a moved run folder, ...): a resumed run may differ in these.
+RESUMABLE_CHANGES = ("out", "workers", "save_every", "keep_checkpoints", "strict")
+
+
+def main(argv=None):
+    cfg = parse(TrainConfig, argv, __doc__.split("\n\n")[0], prog="train.py")
+    run("train.py", lambda: train(cfg))
+
+
+# ----------------------------------------------------------------------------- pieces of the run
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """torchrun's process group (NCCL on GPU, gloo on CPU), or a one-process group for `python train.py`."""
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ:
+        local = int(os.environ.get("LOCAL_RANK", 0))
+        if cuda:
+            torch.cuda.set_device(local)
+        dist.init_process_group("nccl" if cuda else "gloo")
+        device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    else:
+        dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+        device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def prepare_run_folder(cfg: TrainConfig, rank: int) -> bool:
+    """A new run writes its config; an existing one must be the same run. Returns whether it resumes."""
+    saved = os.path.join(cfg.out, "train_config.json")
+    if os.path.isfile(saved):
+        with open(saved) as f:
+            before = json.load(f)
+        now = dataclasses.asdict(cfg)
+        changed = [k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k]]
+        if changed:
+            raise ValueError(f"--out {cfg.out} holds a run with other settings ({', '.join(changed)}); "
+                             "give the same options to resume it, or a new --out")
+        return True
+    check_output_folder(cfg.out, "--out")  # new or empty (a run folder has train_config.json)
+    dist.barrier()  # every process has looked before rank 0 creates it
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
+        with open(saved + ".partial", "w") as f:
+            json.dump(dataclasses.asdict(cfg), f, indent=2)
+        os.replace(saved + ".partial", saved)
+    dist.barrier()
+    return False
+
+
+def model_source(name: str) -> tuple[Sa2VAConfig, Tokenizer, Callable[[], dict[str, torch.Tensor]]]:
+    """(config, tokenizer, a function giving the full state dict) of --model; only rank 0 reads weights."""
+    if name.startswith("debug-"):
+        if name not in preset_names():
+            raise ValueError(f"unknown preset {name!r}; known: {', '.join(n for n in preset_names() if n.startswith('debug-'))}")
+        model_cfg = preset(name)
+        with tempfile.TemporaryDirectory() as tmp:
+            debug_checkpoint.write_tokenizer(tmp, model_cfg.family)
+            tokenizer = load_official_tokenizer(tmp)
+        return model_cfg, tokenizer, lambda: debug_checkpoint.random_state(model_cfg)
+    if not os.path.isdir(name):
+        raise ValueError(f"--model {name} is not a folder or a debug-* preset")
+    if convert.is_official(name):
+        model_cfg, tokenizer, _, tensors = convert.read_official(name)
+        return model_cfg, tokenizer, lambda: dict(tensors)
+    model_cfg = Sa2VAConfig.load(os.path.join(name, "config.json"))
+    tokenizer = Tokenizer.load(name)
+
+    def ours():
+        f = SafetensorsReader(os.path.join(name, "model.safetensors"))
+        return {k: f.read(k) for k in f.keys()}
+    return model_cfg, tokenizer, ours
+
+
+def set_trainable(model: Sa2VAModel):
+    """The official split: LoRA adapters, embeddings + LM head, the InternVL projector, SAM-2's
+    mask decoder and text_hidden_fcs are trained; everything else is frozen."""
+    model.requires_grad_(False)
+    trained = [model.llm.embed_tokens, model.text_hidden_fcs, model.grounding.sam2.sam_mask_decoder]
+    if not model.cfg.llm.tie_embeddings:
+        trained.append(model.llm.lm_head)
+    if model.cfg.family == "internvl":
+        trained.append(model.vision.projector)
+    for module in trained:
+        module.requires_grad_(True)
+    # The mask decoder's IoU and object-score heads take no loss (the IoU prediction only picks
+    # the best of 3 masks, the object score only gates a video memory's pointer): they get no
+    # gradient, so AdamW would leave them as they are. Frozen, they stay out of its state.
+    decoder = model.grounding.sam2.sam_mask_decoder
+    decoder.iou_prediction_head.requires_grad_(False)
+    decoder.pred_obj_score_head.requires_grad_(False)
+    for lora in lora_modules(model).values():
+        lora.lora_A.requires_grad_(True)
+        lora.lora_B.requires_grad_(True)
+        if lora is not getattr(model.llm, "lm_head", None):  # InternLM2's head is adapted and trained in full
+            lora.weight.requires_grad_(False)
+            if lora.bias is not None:
+                lora.bias.requires_grad_(False)
+
+
+def initial_state(model: Sa2VAModel, weights: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    """The full state to start from: the checkpoint's weights and fresh LoRA adapters (A uniform
+    as peft inits it, B zero), drawn in a fixed order from the seed."""
+    state = dict(weights)
+    gen = torch.Generator().manual_seed(seed)
+    drawn = {}  # InternLM2's q/k/v share one lora_A parameter: one draw for it
+    for name, lora in sorted(lora_modules(model).items()):
+        if id(lora.lora_A) not in drawn:
+            bound = 1 / math.sqrt(lora.in_features)
+            drawn[id(lora.lora_A)] = torch.empty(lora.r, lora.in_features).uniform_(-bound, bound, generator=gen)
+        state[name + ".lora_A"] = drawn[id(lora.lora_A)]
+        state[name + ".lora_B"] = torch.zeros(lora.out_features, lora.r)
+    return state
+
+
+def shard(model: Sa2VAModel, param_dtype: torch.dtype, activation_checkpointing: bool, compile_blocks: bool):
+    """Activation checkpointing and compile per LLM block, then fully_shard per block (LLM, vision
+    tower, SAM-2's image encoder) and the root, weights in param_dtype for the computation and
+    gradients reduced in fp32 (torchtitan's recipe)."""
+    if activation_checkpointing:
+        for i, block in enumerate(model.llm.layers):
+            model.llm.layers[i] = checkpoint_wrapper(block)  # keeps the RNG state: dropout recomputes the same
+    blocks = list(model.llm.layers)
+    blocks += list(model.vision.vit.blocks if model.cfg.family == "internvl" else model.vision.blocks)
+    if compile_blocks:
+        for block in blocks:
+            block.compile()
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    # SAM-2's mask decoder stays in the root: SAM2Base.forward_image calls its conv_s0/conv_s1
+    # directly, past the decoder's own forward (where a unit of its own would gather them).
+    for module in [*blocks, model.grounding.sam2.image_encoder]:
+        fully_shard(module, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """mmengine LinearLR (from 1e-5 of the peak) over the warm-up steps, then CosineAnnealingLR to 0."""
+    warm = max(1, int(cfg.warmup_ratio * cfg.steps))
+    if step < warm:
+        return cfg.lr * (1e-5 + (1 - 1e-5) * step / warm)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, cfg.steps - warm)))
+
+
+def epoch_order(dataset: data.TrainingData, epoch: int, seed: int, group: int) -> list[int]:
+    """A shuffle of the samples in which each run of `group` (a global batch) is sorted by
+    length, so a micro-batch holds samples of similar length (xtuner LengthGroupedSampler)."""
+    perm = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed * 100003 + epoch)).tolist()
+    return [i for k in range(0, len(perm), group)
+            for i in sorted(perm[k:k + group], key=dataset.length, reverse=True)]
+
+
+def micro_batches(dataset, cfg: TrainConfig, start_step: int, rank: int, world: int, accum: int):
+    """The (epoch, index) keys of this process's micro-batches, step by step from start_step:
+    micro-batch a of step s is global slot a * world + rank of that step's batch."""
+    n, orders = len(dataset), {}
+    for step in range(start_step, cfg.steps):
+        for a in range(accum):
+            first = step * cfg.batch_size + (a * world + rank) * cfg.micro_batch_size
+            keys = []
+            for p in range(first, first + cfg.micro_batch_size):
+                epoch = p // n
+                if epoch not in orders:
+                    orders = {epoch: epoch_order(dataset, epoch, cfg.seed, cfg.batch_size)}
+                keys.append((epoch, orders[epoch][p % n]))
+            yield keys
+
+
+def complete(inputs: ModelInputs, model_cfg: Sa2VAConfig) -> ModelInputs:
+    """Give a batch what every process needs to run the same graph: a blank image for the vision
+    tower when it has none (no visual token reads it) and empty mask queries when it has none
+    (the forward then decodes a stand-in)."""
+    if inputs.pixel_values is None:
+        if model_cfg.family == "internvl":
+            s = model_cfg.vision.image_size
+            inputs.pixel_values, inputs.grid_thw = torch.zeros(1, 3, s, s), None
+        else:
+            m = model_cfg.vision.spatial_merge_size
+            inputs.pixel_values = torch.zeros(m * m, model_cfg.vision.patch_dim)
+            inputs.grid_thw = torch.tensor([[1, m, m]])
+        inputs.visual_rows = torch.zeros(0, dtype=torch.long)
+    if inputs.mask_queries is None:
+        g = 4 * model_cfg.sam2.grid
+        inputs.mask_queries = torch.zeros(0, 2, dtype=torch.long)
+        inputs.mask_targets = torch.zeros(0, g, g, dtype=torch.bool)
+    return inputs
+
+
+def micro_seed(cfg: TrainConfig, step: int, slot: int) -> int:
+    return (cfg.seed * 1_000_003 + step) * 4099 + slot
+
+
+def checkpoints(out: str) -> list[tuple[int, str]]:
+    """Complete checkpoints of a run, oldest first (a checkpoint appears by rename when complete)."""
+    folder = os.path.join(out, "checkpoints")
+    if not os.path.isdir(folder):
+        return []
+    found = [(int(n.split("_")[1]), os.path.join(folder, n)) for n in os.listdir(folder) if n.startswith("step_")]
+    return sorted(found)
+
+
+def trained_state(model, names: set[str]) -> dict:
+    return {k: v for k, v in get_model_state_dict(model).items() if k in names}
+
+
+def save_checkpoint(cfg: TrainConfig, model, optimizer, step: int, names: set[str], rank: int):
+    folder = os.path.join(cfg.out, "checkpoints")
+    final, tmp = os.path.join(folder, f"step_{step:08d}"), os.path.join(folder, f".step_{step:08d}.partial")
+    if rank == 0:
+        os.makedirs(folder, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    dist.barrier()
+    dcp.save({"model": trained_state(model, names), "optim": get_optimizer_state_dict(model, optimizer)},
+             checkpoint_id=tmp)
+    dist.barrier()
+    if rank == 0:
+        with open(os.path.join(tmp, "trainer.json"), "w") as f:
+            json.dump({"step": step}, f)
+        os.replace(tmp, final)
+        for _, old in checkpoints(cfg.out)[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_checkpoint(path: str, model, optimizer, names: set[str]) -> int:
+    state = {"model": trained_state(model, names), "optim": get_optimizer_state_dict(model, optimizer)}
+    dcp.load(state, checkpoint_id=path)
+    # A checkpoint holds the trained weights only (the frozen ones come from --model again):
+    # exactly those may be missing, nothing else.
+    result = set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    frozen = set(get_model_state_dict(model)) - names
+    missing = {k.replace("_checkpoint_wrapped_module.", "") for k in result.missing_keys}  # module paths
+    if result.unexpected_keys or missing != frozen:
+        raise ValueError(f"checkpoint {path} does not fit this model (unexpected {sorted(result.unexpected_keys)[:3]}, "
+                         f"missing {sorted(missing - frozen)[:3]}); is it from another run?")
+    set_optimizer_state_dict(model, optimizer, state["optim"])
+    with open(os.path.join(path, "trainer.json")) as f:
+        return json.load(f)["step"]
+
+
+def export_final(cfg: TrainConfig, model, model_cfg: Sa2VAConfig, tokenizer: Tokenizer, rank: int):
+    """final/: LoRA merged into the weights, in our format (config.json, model.safetensors, tokenizer)."""
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank != 0:
+        return
+    merged = merge_lora(state, cfg.lora_alpha / cfg.lora_r)
+    dst = os.path.join(cfg.out, "final")
+    if os.path.isdir(dst):
+        shutil.rmtree(dst)  # our own export of an earlier, shorter run of this folder
+    with output_folder(dst) as tmp:
+        specs = [(k, v.dtype, tuple(v.shape)) for k, v in merged.items()]
+        write_safetensors(os.path.join(tmp, "model.safetensors"), specs, iter(merged.items()))
+        model_cfg.save(os.path.join(tmp, "config.json"))
+        tokenizer.save(tmp)
+
+
+# ----------------------------------------------------------------------------- the run
+
+def train(cfg: TrainConfig):
+    for name in ("steps", "batch_size", "micro_batch_size", "lora_r", "save_every", "keep_checkpoints"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if not os.path.isfile(cfg.data):
+        raise ValueError(f"--data {cfg.data} is not a file; give a JSONL file of samples")
+    rank, world, device = init_distributed()
+    try:
+        _train(cfg, rank, world, device)
+    finally:
+        dist.destroy_process_group()
+
+
+def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
+    if cfg.batch_size % (world * cfg.micro_batch_size):
+        raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of {world} processes x "
+                         f"--micro-batch-size {cfg.micro_batch_size}")
+    accum = cfg.batch_size // (world * cfg.micro_batch_size)
+    param_dtype = parse_dtype(cfg.param_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    resuming = prepare_run_folder(cfg, rank)
+
+    # The model: built on meta, frozen per the recipe, LoRA, then sharded; weights come last.
+    model_cfg, tokenizer, read_weights = model_source(cfg.model)
+    if model_cfg.sam2 is None:
+        raise ValueError(f"--model {cfg.model} has no SAM-2; training needs the whole Sa2VA")
+    processor = data.make_processor(model_cfg, tokenizer)
+    with torch.device("meta"):
+        model = Sa2VAModel(model_cfg)
+    apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    set_trainable(model)
+    names = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
+    state = initial_state(model, read_weights(), cfg.seed) if rank == 0 else {}
+    shard(model, param_dtype, cfg.activation_checkpointing, cfg.compile)
+    model.to_empty(device=device)
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del state
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+
+    dataset = data.TrainingData(cfg.data, processor, seed=cfg.seed, max_length=cfg.max_length)
+    start = 0
+    found = checkpoints(cfg.out) if resuming else []
+    if found:
+        start = load_checkpoint(found[-1][1], model, optimizer, names)
+    if rank == 0:
+        _trim_log(os.path.join(cfg.out, "metrics.jsonl"), start)
+        print(f"train.py: {cfg.model} ({model_cfg.family}), {sum(p.numel() for p in params) / 1e6:.1f}M of "
+              f"{sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters trained, {world} process(es) x "
+              f"{accum} micro-batch(es) of {cfg.micro_batch_size}, {len(dataset)} samples; "
+              + (f"resuming after step {start}" if start else "from the start"), file=sys.stderr)
+    if start >= cfg.steps:
+        export_final(cfg, model, model_cfg, tokenizer, rank)
+        return
+
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=list(micro_batches(dataset, cfg, start, rank, world, accum)),
+                                         collate_fn=list, num_workers=cfg.workers, worker_init_fn=_ignore_sigterm)
+    batches = iter(loader)
+    stop = torch.zeros(1)
+    previous = signal.signal(signal.SIGTERM, lambda *_: stop.fill_(1))  # checkpoint at the end of the step
+    metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
+    skipped_file = open(os.path.join(cfg.out, f"skipped_rank{rank}.jsonl"), "a")
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=rank != 0)
+    try:
+        for step in range(start, cfg.steps):
+            t0 = time.perf_counter()
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg)
+            totals = torch.zeros(6, dtype=torch.float64)  # loss, lm, mask, dice, tokens, skipped
+            for a in range(accum):
+                items = next(batches)
+                samples = [s for s in items if isinstance(s, data.Sample)]
+                for bad in (s for s in items if isinstance(s, data.Skipped)):
+                    if cfg.strict:
+                        raise ValueError(f"{cfg.data} line {bad.line}: {bad.reason} (--strict)")
+                    skipped_file.write(json.dumps({"step": step + 1, "line": bad.line, "reason": bad.reason}) + "\n")
+                    totals[5] += 1
+                weight = 1.0 if samples else 0.0  # an all-skipped micro-batch runs a stand-in, counted for nothing
+                if not samples:
+                    samples = [processor([("hi", "Hello.")])]
+                inputs = complete(data.collate(samples, pad="right"), model_cfg).to(device, param_dtype)
+                slot = a * world + rank
+                torch.manual_seed(micro_seed(cfg, step, slot))  # dropout
+                points = torch.Generator(device=device).manual_seed(micro_seed(cfg, step, slot) + 1)
+                out = model(inputs, logits=loss_positions(inputs.labels))
+                loss_lm = lm_loss_at(out.logits, inputs.labels)
+                loss_mask, loss_dice = mask_losses(out.mask_logits, inputs.mask_targets, points)
+                loss = loss_lm + loss_mask + loss_dice
+                (loss * (weight / accum)).backward()
+                with torch.no_grad():
+                    totals[:4] += torch.stack([loss, loss_lm, loss_mask, loss_dice]).double().cpu() * weight
+                    totals[4] += float(inputs.input_ids.numel() if inputs.key_mask is None else inputs.key_mask.sum())
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            dist.all_reduce(totals)
+            dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+            seconds = time.perf_counter() - t0
+            counted = world * accum
+            row = {"step": step + 1, "loss": totals[0].item() / counted, "loss_lm": totals[1].item() / counted,
+                   "loss_mask": totals[2].item() / counted, "loss_dice": totals[3].item() / counted,
+                   "lr": lr_at(step, cfg), "grad_norm": float(grad_norm),
+                   "tokens_per_s": totals[4].item() / seconds, "skipped": int(totals[5].item())}
+            if metrics_file:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            last = step + 1 == cfg.steps
+            if (step + 1) % cfg.save_every == 0 or last or stop.item():
+                save_checkpoint(cfg, model, optimizer, step + 1, names, rank)
+            if stop.item() and not last:
+                raise SystemExit(128 + signal.SIGTERM)  # checkpointed: the same command resumes here
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        bar.close()
+        skipped_file.close()
+        if metrics_file:
+            metrics_file.close()
+    export_final(cfg, model, model_cfg, tokenizer, rank)
+    if rank == 0:
+        print(f"train.py: wrote {os.path.join(cfg.out, 'final')}", file=sys.stderr)
+
+
+def _ignore_sigterm(worker_id: int):
+    # A SIGTERM to the whole process group (a cluster's preemption) must reach the trainer alone,
+    # which checkpoints at the end of the step; its data workers end with it.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _trim_log(path: str, step: int):
+    """Drop the metrics of steps after the checkpoint a resumed run continues from."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as f:
+        rows = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+    with open(path, "w") as f:
+        f.writelines(rows)
+
+
+if __name__ == "__main__":
+    main()

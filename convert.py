@@ -18,10 +18,11 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 import data
 from cli import arg, check_output_folder, output_folder, parse, run
@@ -445,6 +446,11 @@ def official_config(src: str, tokenizer: Tokenizer) -> Sa2VAConfig:
             hf = json.load(f)
         except json.JSONDecodeError as e:
             raise ValueError(f"{cfg_path} is not valid JSON ({e})") from None
+    return official_config_from(hf, src, tokenizer)
+
+
+def official_config_from(hf: dict, src: str, tokenizer: Tokenizer) -> Sa2VAConfig:
+    """official_config for a config.json already read (from the folder src)."""
     qwen = isinstance(hf, dict) and "text_config" in hf
     image_token = data.image_token("qwen2_5_vl" if qwen else "internvl")
     stats = None
@@ -470,7 +476,7 @@ def read_official(src: str, dtype: torch.dtype | None = None) -> tuple[Sa2VAConf
         missing = [t for t in missing if t != data.IMG_CONTEXT]
     if missing:
         raise ValueError(f"{src}: the tokenizer has no {', '.join(missing)}; a Sa2VA checkpoint adds them to its "
-                         "base model's tokenizer (is this the base MLLM?)")
+                         "base model's tokenizer (a base MLLM trains with train.py --sam2 SAM2_CHECKPOINT)")
     cfg = official_config(src, tokenizer)
     if len(tokenizer) != cfg.llm.vocab_size:
         raise ValueError(f"{src}: the tokenizer has {len(tokenizer)} tokens but the config says vocab_size="
@@ -549,6 +555,111 @@ def load_official(src: str, device="cpu", dtype: torch.dtype | None = None) -> t
     """An official folder straight into a model (converted while streaming; nothing written)."""
     cfg, tokenizer, _, tensors = read_official(src)
     return load_tensors(cfg, tensors, device, dtype, src), tokenizer
+
+
+# A base MLLM's LLM architecture -> the xtuner template Sa2VA trains it with (projects/sa2va/configs).
+BASE_TEMPLATES = {"qwen2": "qwen_chat", "internlm2": "internlm2_chat", "qwen3": "qwen_chat"}
+
+
+def read_base(src: str, sam2_path: str, template: str | None = None,
+              seed: int = 0) -> tuple[Sa2VAConfig, Tokenizer, Callable[[], dict[str, torch.Tensor]]]:
+    """The start of a Sa2VA training from its parts: a base MLLM folder (InternVL as OpenGVLab
+    ships it, or Qwen2.5-VL / Qwen3-VL saved by transformers >= 4.52) and Meta's SAM-2 checkpoint.
+
+    As the official training builds it: the 5 Sa2VA tokens are added to the tokenizer and the
+    embeddings and LM head resized to it (cut when the base has spare rows, new rows at the mean
+    of the old ones otherwise: transformers' mean resizing, whose 1e-9-scaled noise we leave out);
+    tied embeddings are untied (peft's modules_to_save trains a separate copy of each);
+    text_hidden_fcs starts from nn.Linear's init drawn from `seed`. Returns (config, tokenizer,
+    a function giving the full state dict in our names).
+    """
+    if not os.path.isfile(os.path.join(src, "config.json")):
+        raise ValueError(f"--model {src} has no config.json; give the folder of a base MLLM (InternVL or Qwen-VL)")
+    with open(os.path.join(src, "config.json")) as f:
+        try:
+            hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{src}/config.json is not valid JSON ({e})") from None
+    tokenizer = load_official_tokenizer(src)
+    base_len = len(tokenizer)
+    tokenizer.add_tokens(list(data.SA2VA_TOKENS))
+    qwen = isinstance(hf, dict) and "text_config" in hf
+    if isinstance(hf, dict) and not qwen and "llm_config" not in hf and "vision_config" in hf:
+        raise ValueError(f"{src}/config.json keeps the text model's fields at the top level (saved by transformers "
+                         "< 4.52); load and save the model with a newer transformers first")
+    section = "text_config" if qwen else "llm_config"
+    hf = json.loads(json.dumps(hf))
+    if isinstance(hf, dict) and isinstance(hf.get(section), dict):
+        hf[section]["vocab_size"] = len(tokenizer)
+        hf[section]["tie_word_embeddings"] = False
+    cfg = official_config_from(hf, src, tokenizer)
+    cfg = dataclasses.replace(cfg, template=template or BASE_TEMPLATES[cfg.llm.arch])
+    data.get_template(cfg.template)  # a known one
+    if not os.path.isfile(sam2_path):
+        raise ValueError(f"--sam2 {sam2_path} is not a file; give Meta's SAM-2 checkpoint (sam2_hiera_large.pt)")
+    where = _official_shards(src)
+    ours = model_shapes(cfg)
+
+    def weights() -> dict[str, torch.Tensor]:
+        official = {}
+        handles = {p: SafetensorsReader(p) for p in sorted(set(where.values()))}
+        for k, p in where.items():
+            official[_base_key(k, qwen)] = handles[p].read(k)
+        kmap = key_map(cfg, ours)
+        head_key = next(k for k, (_, t) in kmap.items() if t == ("llm.lm_head.weight",))
+        embed_key = next(k for k, (_, t) in kmap.items() if t == ("llm.embed_tokens.weight",))
+        if head_key not in official:  # a tied base: the head starts as a copy of the embeddings
+            official[head_key] = official[embed_key].clone()
+        for key in (embed_key, head_key):
+            official[key] = _resize_rows(official[key], len(tokenizer), base_len)
+        state = {}
+        text_keys = {k for k in kmap if k.startswith("text_hidden_fcs.")}
+        check_keys({k: () for k in kmap if k not in text_keys and not k.startswith(SAM2_OFFICIAL)},
+                   {k: () for k in official}, f"{src}: base MLLM keys")
+        for k, (transform, targets) in kmap.items():
+            if k in official:
+                state.update(zip(targets, UNPACK[transform](official[k], cfg.llm) if transform else [official[k]]))
+        torch.manual_seed(seed)
+        heads = nn.Sequential(nn.Linear(cfg.llm.dim, cfg.llm.dim), nn.ReLU(), nn.Linear(cfg.llm.dim, cfg.seg_dim))
+        state.update({f"text_hidden_fcs.{k}": v for k, v in heads.state_dict().items()})
+        state.update({SAM2_OURS + k: v for k, v in read_meta_sam2(sam2_path).items()})
+        check_keys({k: ours[k] for k in ours}, {k: tuple(v.shape) for k, v in state.items()},
+                   f"{src} + {sam2_path}")
+        return state
+    return cfg, tokenizer, weights
+
+
+def _base_key(key: str, qwen: bool) -> str:
+    """A base MLLM's key as it stands in a Sa2VA release (Qwen-VL releases nest the HF model one level deeper)."""
+    return "model." + key if qwen and not key.startswith("model.model.") else key
+
+
+def _resize_rows(w: torch.Tensor, rows: int, base_len: int) -> torch.Tensor:
+    """Embedding / head rows for `rows` tokens: cut spare rows, or append rows at the mean of the base's."""
+    if w.shape[0] >= rows:
+        return w[:rows].clone()
+    mean = w[:base_len].float().mean(0, keepdim=True).to(w.dtype)
+    return torch.cat([w, mean.expand(rows - w.shape[0], -1)])
+
+
+def read_meta_sam2(path: str) -> dict[str, torch.Tensor]:
+    """Meta's SAM-2 checkpoint (`sam2_hiera_large.pt`: {"model": state dict}, read with
+    weights_only=True so nothing but tensors is ever unpickled; or a .safetensors of that state)."""
+    if path.endswith(".safetensors"):
+        f = SafetensorsReader(path)
+        return {k: f.read(k) for k in f.keys()}
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises pickle, zip and runtime errors for a file it cannot read safely
+        raise ValueError(f"{path} is not a SAM-2 checkpoint torch can read with weights_only=True ({_one_line(e)})") from None
+    sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"{path} holds no SAM-2 state dict (expected {{'model': {{name: tensor}}}})")
+    return sd
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
 
 
 def to_official(src: str, dst: str, like: str | None = None, dtype: torch.dtype | None = None):

@@ -17,6 +17,10 @@ fully_shard per block, then the root -> weights -> AdamW -> data -> resume -> th
 checkpoints -> the export of final/ (LoRA merged, our format: `Sa2VA.from_pretrained` loads it,
 `convert.py --to-official` turns it into the official layout).
 
+From a base MLLM (an InternVL or Qwen-VL folder) and Meta's SAM-2 checkpoint (`--sam2`), the
+Sa2VA tokens are added and the embeddings resized as the official training does
+(convert.read_base); text_hidden_fcs starts from scratch.
+
 Every --save-every steps and on SIGTERM a checkpoint (torch.distributed.checkpoint, sharded:
 the trained weights and the optimizer state) goes to --out/checkpoints; running the same
 command again resumes from the newest complete one and continues the loss curve exactly. The
@@ -58,13 +62,20 @@ from model.losses import loss_positions, lm_loss_at, mask_losses
 from model.sa2va import ModelInputs, Sa2VAModel
 from model.tokenizer import Tokenizer, load_official_tokenizer
 
+try:  # optional: TensorBoard event files beside metrics.jsonl when `tensorboard` is installed
+    from torch.utils.tensorboard import SummaryWriter
+except ImportError:
+    SummaryWriter = None
+
 
 @dataclass
 class TrainConfig:
-    model: str = arg(help="a folder written by convert.py, an official Sa2VA folder, or a debug-* preset "
-                          "(random weights)")
+    model: str = arg(help="a folder written by convert.py, an official Sa2VA folder, a debug-* preset "
+                          "(random weights), or a base MLLM folder (InternVL, Qwen-VL) with --sam2")
     data: str = arg(help="training samples: a JSONL file, one sample a line (see the README)")
     out: str = arg(help="the run folder: checkpoints, metrics.jsonl, final/ (an existing run is resumed)")
+    sam2: str | None = arg(None, "Meta's SAM-2 checkpoint (sam2_hiera_large.pt) when --model is a base MLLM")
+    template: str | None = arg(None, "chat template of a base MLLM (default: qwen_chat, internlm2_chat for InternLM2)")
     steps: int = arg(1000, "optimizer steps")
     batch_size: int = arg(16, "samples per optimizer step, over all processes")
     micro_batch_size: int = arg(1, "samples per forward pass of a process")
@@ -135,8 +146,13 @@ def prepare_run_folder(cfg: TrainConfig, rank: int) -> bool:
     return False
 
 
-def model_source(name: str) -> tuple[Sa2VAConfig, Tokenizer, Callable[[], dict[str, torch.Tensor]]]:
+def model_source(cfg: TrainConfig) -> tuple[Sa2VAConfig, Tokenizer, Callable[[], dict[str, torch.Tensor]]]:
     """(config, tokenizer, a function giving the full state dict) of --model; only rank 0 reads weights."""
+    name = cfg.model
+    if cfg.sam2 is not None:
+        return convert.read_base(name, cfg.sam2, cfg.template, seed=cfg.seed)
+    if cfg.template is not None:
+        raise ValueError("--template goes with a base MLLM (--sam2); a Sa2VA checkpoint keeps its own")
     if name.startswith("debug-"):
         if name not in preset_names():
             raise ValueError(f"unknown preset {name!r}; known: {', '.join(n for n in preset_names() if n.startswith('debug-'))}")
@@ -361,13 +377,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
                          f"--micro-batch-size {cfg.micro_batch_size}")
     accum = cfg.batch_size // (world * cfg.micro_batch_size)
     param_dtype = parse_dtype(cfg.param_dtype) or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    resuming = prepare_run_folder(cfg, rank)
-
     # The model: built on meta, frozen per the recipe, LoRA, then sharded; weights come last.
-    model_cfg, tokenizer, read_weights = model_source(cfg.model)
+    model_cfg, tokenizer, read_weights = model_source(cfg)
     if model_cfg.sam2 is None:
         raise ValueError(f"--model {cfg.model} has no SAM-2; training needs the whole Sa2VA")
     processor = data.make_processor(model_cfg, tokenizer)
+    dataset = data.TrainingData(cfg.data, processor, seed=cfg.seed, max_length=cfg.max_length)
+    resuming = prepare_run_folder(cfg, rank)  # after every check of the inputs: a failed start leaves nothing
     with torch.device("meta"):
         model = Sa2VAModel(model_cfg)
     apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
@@ -382,7 +398,6 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
-    dataset = data.TrainingData(cfg.data, processor, seed=cfg.seed, max_length=cfg.max_length)
     start = 0
     found = checkpoints(cfg.out) if resuming else []
     if found:
@@ -397,12 +412,16 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
         export_final(cfg, model, model_cfg, tokenizer, rank)
         return
 
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=list(micro_batches(dataset, cfg, start, rank, world, accum)),
-                                         collate_fn=list, num_workers=cfg.workers, worker_init_fn=_ignore_sigterm)
-    batches = iter(loader)
+    plan = list(micro_batches(dataset, cfg, start, rank, world, accum))  # the (epoch, index) keys
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, collate_fn=list, num_workers=cfg.workers,
+                                         worker_init_fn=_ignore_sigterm)
+    batches = zip(plan, loader)
     stop = torch.zeros(1)
     previous = signal.signal(signal.SIGTERM, lambda *_: stop.fill_(1))  # checkpoint at the end of the step
     metrics_file = open(os.path.join(cfg.out, "metrics.jsonl"), "a") if rank == 0 else None
+    board = SummaryWriter(os.path.join(cfg.out, "tensorboard")) if SummaryWriter is not None and rank == 0 else None
+    epoch = (start * cfg.batch_size) // len(dataset)
+    epoch_skipped = torch.zeros(1)  # this process's skipped samples of the current epoch
     skipped_file = open(os.path.join(cfg.out, f"skipped_rank{rank}.jsonl"), "a")
     bar = tqdm(total=cfg.steps, initial=start, desc="train", unit="step", disable=rank != 0)
     try:
@@ -412,13 +431,17 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
                 group["lr"] = lr_at(step, cfg)
             totals = torch.zeros(6, dtype=torch.float64)  # loss, lm, mask, dice, tokens, skipped
             for a in range(accum):
-                items = next(batches)
+                keys, items = next(batches)
                 samples = [s for s in items if isinstance(s, data.Sample)]
-                for bad in (s for s in items if isinstance(s, data.Skipped)):
+                for (item_epoch, _), bad in zip(keys, items):
+                    if not isinstance(bad, data.Skipped):
+                        continue
                     if cfg.strict:
                         raise ValueError(f"{cfg.data} line {bad.line}: {bad.reason} (--strict)")
-                    skipped_file.write(json.dumps({"step": step + 1, "line": bad.line, "reason": bad.reason}) + "\n")
+                    skipped_file.write(json.dumps({"step": step + 1, "epoch": item_epoch, "line": bad.line,
+                                                   "reason": bad.reason}) + "\n")
                     totals[5] += 1
+                    epoch_skipped += 1
                 weight = 1.0 if samples else 0.0  # an all-skipped micro-batch runs a stand-in, counted for nothing
                 if not samples:
                     samples = [processor([("hi", "Hello.")])]
@@ -449,6 +472,17 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
             if metrics_file:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
+            if board:
+                for key, value in row.items():
+                    if key != "step":
+                        board.add_scalar(key, value, step + 1)
+            next_epoch = ((step + 1) * cfg.batch_size) // len(dataset)
+            if next_epoch > epoch or step + 1 == cfg.steps:  # the same step on every process
+                dist.all_reduce(epoch_skipped)
+                if rank == 0 and epoch_skipped.item():
+                    bar.write(f"train.py: epoch {epoch}: {int(epoch_skipped.item())} sample(s) skipped; their lines "
+                              f"and reasons are in {os.path.join(cfg.out, 'skipped_rank*.jsonl')}", file=sys.stderr)
+                epoch, epoch_skipped = next_epoch, torch.zeros(1)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             last = step + 1 == cfg.steps
@@ -462,6 +496,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
         skipped_file.close()
         if metrics_file:
             metrics_file.close()
+        if board:
+            board.close()
     export_final(cfg, model, model_cfg, tokenizer, rank)
     if rank == 0:
         print(f"train.py: wrote {os.path.join(cfg.out, 'final')}", file=sys.stderr)

@@ -84,6 +84,18 @@ class Tokenizer:
             text = self._decode_internlm2(ids, skip_special_tokens)
         return _clean_up_tokenization(text) if self.meta["clean_up_tokenization_spaces"] else text
 
+    def add_tokens(self, tokens: list[str]) -> None:
+        """Append tokens, as Sa2VA adds its own to a base MLLM's tokenizer (HF `add_tokens(...,
+        special_tokens=True)`: split off the raw text, ids after the last one; HF's slow decode
+        then writes them as sub-texts of their own, as for the converted releases)."""
+        present = [t for t in tokens if self._backend.token_to_id(t) is not None]
+        if present:
+            raise ValueError(f"the tokenizer already has {', '.join(present)}; is it a Sa2VA tokenizer already?")
+        self._backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
+        if self.meta["decode"] == "internlm2_slow":
+            self.meta["legacy_added_tokens"] = sorted({*self.meta["legacy_added_tokens"], *tokens})
+            self._legacy = set(self.meta["legacy_added_tokens"])
+
     def save(self, directory: str) -> None:
         os.makedirs(directory, exist_ok=True)
         self._backend.save(os.path.join(directory, "tokenizer.json"))

@@ -3,14 +3,16 @@ tiny InternLM2 sentencepiece tokenizers in the official folder layout."""
 import json
 import os
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
+from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import convert
+import data
+from model.llm import LLM
 
 DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 
@@ -18,6 +20,12 @@ DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs for a minute or more (still part of the suite)")
+    # pycocotools (an oracle) predates numpy 2's __array__ copy keyword; its warning is not ours
+    config.addinivalue_line("filterwarnings", "ignore:__array__ implementation doesn't accept a copy keyword")
 
 
 def randomize(module: torch.nn.Module, std: float = 0.15):
@@ -29,6 +37,18 @@ def randomize(module: torch.nn.Module, std: float = 0.15):
             else:
                 p.copy_(std * torch.randn_like(p))
     return module
+
+
+def ours_from_hf(hf_model, cfg, table: dict, head_key: str):
+    """Our LLM with the weights of a transformers causal LM, through convert.py's table."""
+    sd = {k: v for k, v in hf_model.state_dict().items() if "rotary" not in k}
+    ours = LLM(cfg)
+    shapes = {"llm." + k for k in ours.state_dict()}
+    kmap = convert.expand({"model." + k: v for k, v in table.items()} | {head_key: "llm.lm_head.weight"},
+                          {"llm": cfg.n_layers}, shapes)
+    mapped = convert.apply_map(sd, kmap, cfg)
+    ours.load_state_dict({k[len("llm."):]: v for k, v in mapped.items()}, strict=True)
+    return ours.eval()
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -136,3 +156,57 @@ def write_internlm2_folder(folder, model_file):
     (folder / "special_tokens_map.json").write_text(json.dumps(special_map))
     (folder / "added_tokens.json").write_text(json.dumps({t: i for i, t in decoder.items() if i >= n}))
     return folder
+
+
+# ----------------------------------------------------------------------------- tiny training data
+
+def write_box_dataset(folder, n_images: int = 8, video: bool = True, extra: list | None = None) -> str:
+    """A JSONL training file of n_images images, each with one red box to segment (and, with
+    video, a clip of a moving box, polygon masks on two frames and none on the others), plus
+    the records of `extra`; returns its path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(n_images):
+        # sides of 2 or 4 x 32 and box edges on multiples of 4: the debug SAM-2's 32x32 masks fit exactly
+        h, w = (64, 128)[i % 2], (128, 64, 64)[i % 3]
+        img = np.full((h, w, 3), 30, np.uint8)
+        m = np.zeros((h, w), bool)
+        y0, x0 = 4 * rng.integers(1, 8), 4 * rng.integers(1, 8)
+        m[y0:y0 + 24, x0:x0 + 32] = True
+        img[m] = (200, 40, 40)
+        Image.fromarray(img).save(folder / f"img{i}.png")
+        records.append({"image": f"img{i}.png", "masks": [data.rle_encode(m)], "conversations": [
+            {"from": "human", "value": "<image>\nPlease segment the red box."}, {"from": "gpt", "value": "Sure, [SEG]."}]})
+    if video:
+        names, masks = [], []
+        for t in range(8):
+            f = np.full((48, 64, 3), 20, np.uint8)
+            f[10:30, 5 + 4 * t:25 + 4 * t] = 220
+            Image.fromarray(f).save(folder / f"f{t}.png")
+            names.append(f"f{t}.png")
+            x = 5 + 4 * t
+            masks.append([[x, 10, x + 20, 10, x + 20, 30, x, 30]] if t in (2, 5) else data.rle_encode(f[..., 0] > 100))
+        masks[0] = None  # no mask on the first frame
+        records.append({"video": names, "masks": [masks], "conversations": [
+            {"from": "human", "value": "<image>\nPlease segment the moving box."}, {"from": "gpt", "value": "It is [SEG]."}]})
+    records += extra or []
+    path = folder / "train.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def _edit_json(path, fn):
+    d = json.loads(open(path).read())
+    fn(d)
+    with open(path, "w") as f:
+        json.dump(d, f)
+
+
+def drop_sa2va_tokens(folder):
+    """A tokenizer folder as the base MLLM has it: without the Sa2VA tokens."""
+    _edit_json(folder + "/added_tokens.json", lambda d: [d.pop(t) for t in data.SA2VA_TOKENS])
+    _edit_json(folder + "/tokenizer_config.json", lambda d: d.update(added_tokens_decoder={
+        i: t for i, t in d["added_tokens_decoder"].items() if t["content"] not in data.SA2VA_TOKENS}))
+    _edit_json(folder + "/tokenizer.json", lambda d: d.update(added_tokens=[
+        t for t in d["added_tokens"] if t["content"] not in data.SA2VA_TOKENS]))

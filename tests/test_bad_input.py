@@ -23,7 +23,7 @@ import convert
 import data
 import sa2va
 from debug_checkpoint import debug_checkpoint
-from tests.conftest import H, W, frames
+from tests.conftest import H, W, drop_sa2va_tokens, frames
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Env = namedtuple("Env", "root official ours qwen image model qwen_model")
@@ -252,7 +252,7 @@ CONVERT_CASES = [
      r"tokenizer.json is not a tokenizer file"),
     ("tokenizer config corrupt", lambda e, t: broken_official(e, t, lambda f: open(f + "/tokenizer_config.json", "w").write("{,")),
      r"tokenizer_config.json is not valid JSON"),
-    ("tokenizer without [SEG]", lambda e, t: broken_official(e, t, lambda f: _drop_sa2va_tokens(f)), r"the tokenizer has no \[SEG\]"),
+    ("tokenizer without [SEG]", lambda e, t: broken_official(e, t, lambda f: drop_sa2va_tokens(f)), r"the tokenizer has no \[SEG\]"),
     ("tensor int32", lambda e, t: broken_official(e, t, lambda f: edit_tensors(f, "mlp1.1.bias", lambda x: x.int())),
      r"mlp1.1.bias is int32, not a float tensor"),
     ("tensor NaN", lambda e, t: broken_official(e, t, lambda f: edit_tensors(f, "language_model.model.norm", nan)),
@@ -263,15 +263,6 @@ CONVERT_CASES = [
     ("to-official of an official folder", lambda e, t: [e.official, str(t / "dst"), "--to-official"], r"config has no known model family"),
     ("dtype unknown", lambda e, t: [e.official, str(t / "dst"), "--dtype", "int4"], r"unknown dtype 'int4'"),
 ]
-
-
-def _drop_sa2va_tokens(folder):
-    """A tokenizer folder as the base MLLM has it: without the Sa2VA tokens."""
-    edit_json(folder + "/added_tokens.json", lambda d: [d.pop(t) for t in data.SA2VA_TOKENS])
-    edit_json(folder + "/tokenizer_config.json", lambda d: d.update(added_tokens_decoder={
-        i: t for i, t in d["added_tokens_decoder"].items() if t["content"] not in data.SA2VA_TOKENS}))
-    edit_json(folder + "/tokenizer.json", lambda d: d.update(added_tokens=[
-        t for t in d["added_tokens"] if t["content"] not in data.SA2VA_TOKENS]))
 
 
 def _run_cli(main, argv, capsys):

@@ -8,20 +8,9 @@ import convert
 from model.generate import GenerationConfig, generate
 from model.config import LLMConfig
 from model.llm import LLM
-from tests.conftest import randomize
+from tests.conftest import ours_from_hf, randomize
 
 V, D, LAYERS, H, KV, FFN = 300, 64, 2, 4, 2, 128
-
-
-def ours_from_hf(hf_model, cfg: LLMConfig, table: dict, head_key: str) -> LLM:
-    sd = {k: v for k, v in hf_model.state_dict().items() if "rotary" not in k}
-    ours = LLM(cfg)
-    shapes = {"llm." + k for k in ours.state_dict()}
-    kmap = convert.expand({"model." + k: v for k, v in table.items()} | {head_key: "llm.lm_head.weight"},
-                          {"llm": cfg.n_layers}, shapes)
-    mapped = convert.apply_map(sd, kmap, cfg)
-    ours.load_state_dict({k[len("llm."):]: v for k, v in mapped.items()}, strict=True)
-    return ours.eval()
 
 
 def ours_logits(llm: LLM, ids: torch.Tensor) -> torch.Tensor:

@@ -70,8 +70,8 @@ except ImportError:
 
 @dataclass
 class TrainConfig:
-    model: str = arg(help="a folder written by convert.py, an official Sa2VA folder, a debug-* preset "
-                          "(random weights), or a base MLLM folder (InternVL, Qwen-VL) with --sam2")
+    model: str = arg(help="a folder written by convert.py, an official Sa2VA folder, a base MLLM folder (InternVL, "
+                          "Qwen-VL) with --sam2, or random weights: a debug-* preset or random:PRESET (e.g. random:Sa2VA-1B)")
     data: str = arg(help="training samples: a JSONL file, one sample a line (see the README)")
     out: str = arg(help="the run folder: checkpoints, metrics.jsonl, final/ (an existing run is resumed)")
     sam2: str | None = arg(None, "Meta's SAM-2 checkpoint (sam2_hiera_large.pt) when --model is a base MLLM")
@@ -153,13 +153,16 @@ def model_source(cfg: TrainConfig) -> tuple[Sa2VAConfig, Tokenizer, Callable[[],
         return convert.read_base(name, cfg.sam2, cfg.template, seed=cfg.seed)
     if cfg.template is not None:
         raise ValueError("--template goes with a base MLLM (--sam2); a Sa2VA checkpoint keeps its own")
-    if name.startswith("debug-"):
-        if name not in preset_names():
-            raise ValueError(f"unknown preset {name!r}; known: {', '.join(n for n in preset_names() if n.startswith('debug-'))}")
-        model_cfg = preset(name)
-        with tempfile.TemporaryDirectory() as tmp:
-            debug_checkpoint.write_tokenizer(tmp, model_cfg.family)
+    if name.startswith(("debug-", "random:")):  # random weights: a debug preset, or any preset's shapes
+        shape = name.removeprefix("random:")
+        if shape not in preset_names():
+            raise ValueError(f"unknown preset {shape!r}; known: {', '.join(preset_names())}")
+        model_cfg = preset(shape)
+        with tempfile.TemporaryDirectory() as tmp:  # the byte-level debug tokenizer, padded to the vocabulary
+            debug_checkpoint.write_tokenizer(tmp, model_cfg.family, vocab_size=model_cfg.llm.vocab_size)
             tokenizer = load_official_tokenizer(tmp)
+        model_cfg = dataclasses.replace(model_cfg, image_token_id=tokenizer.token_to_id(data.image_token(model_cfg.family)),
+                                        seg_token_id=tokenizer.token_to_id(data.SEG))
         return model_cfg, tokenizer, lambda: debug_checkpoint.random_state(model_cfg)
     if not os.path.isdir(name):
         raise ValueError(f"--model {name} is not a folder or a debug-* preset")
@@ -468,7 +471,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
             row = {"step": step + 1, "loss": totals[0].item() / counted, "loss_lm": totals[1].item() / counted,
                    "loss_mask": totals[2].item() / counted, "loss_dice": totals[3].item() / counted,
                    "lr": lr_at(step, cfg), "grad_norm": float(grad_norm),
-                   "tokens_per_s": totals[4].item() / seconds, "skipped": int(totals[5].item())}
+                   "tokens_per_s": totals[4].item() / seconds, "step_s": seconds, "peak_memory_gib": peak_memory_gib(device),
+                   "skipped": int(totals[5].item())}
             if metrics_file:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
@@ -501,6 +505,17 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
     export_final(cfg, model, model_cfg, tokenizer, rank)
     if rank == 0:
         print(f"train.py: wrote {os.path.join(cfg.out, 'final')}", file=sys.stderr)
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """This process's peak: CUDA memory allocated on a GPU, peak resident memory (VmHWM) on a Linux CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 2**20
+    except OSError:
+        return None
 
 
 def _ignore_sigterm(worker_id: int):

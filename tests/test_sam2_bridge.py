@@ -259,3 +259,29 @@ def test_bf16_module_runs(bridge):
     reference = list(bridge.track(frames, prompts, cond_frames=(0, 3)))
     for (_, low), (_, full) in zip(outs, reference):
         assert ((low > 0) == (full > 0)).float().mean() > 0.9 and (low - full).abs().max() < 0.1
+
+
+def test_training_decode_and_its_gradients_match_meta_heads():
+    """The training path (memory-less decode of one prompt per (frame, object), as the official
+    inject_language_embd) against Meta's prompt encoder + mask decoder by hand: logits, and the
+    gradients of a loss on them for the mask decoder's weights and for the prompts."""
+    bridge = _tiny_bridge(obj_score_bias=10.0)
+    frames = _frames(2)
+    prompts = _prompts(3).requires_grad_(True)
+    feats = bridge.image_features(frames)
+    which = torch.tensor([0, 1, 1])  # prompt i decoded on frame which[i]
+    ours = bridge.decode_with_prompt(feats.select(which), prompts).logits
+    weight = torch.randn_like(ours)
+    (ours * weight).sum().backward()
+    our_grads = {n: p.grad.clone() for n, p in bridge.sam2.sam_mask_decoder.named_parameters() if p.grad is not None}
+    our_prompt_grad = prompts.grad.clone()
+    bridge.zero_grad()
+    prompts.grad = None
+    ref = torch.cat([_meta_decoder_logits(bridge.sam2, frames[f], prompts[i:i + 1]) for i, f in enumerate(which.tolist())])
+    (ref * weight).sum().backward()
+    _assert_close(ours.detach(), ref.detach())
+    ref_grads = {n: p.grad for n, p in bridge.sam2.sam_mask_decoder.named_parameters() if p.grad is not None}
+    assert our_grads.keys() == ref_grads.keys() and "output_upscaling.0.weight" in our_grads
+    for n in our_grads:
+        torch.testing.assert_close(our_grads[n], ref_grads[n], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(our_prompt_grad, prompts.grad, atol=1e-5, rtol=1e-4)

@@ -60,12 +60,16 @@ def image_token(family: str) -> str:
 MAX_IMAGE_PIXELS = 8192 * 8192  # larger images are refused before they are decoded
 
 
-def load_image(image, name: str = "image") -> Image.Image:
+def load_image(image, name: str = "image", exif: bool = True) -> Image.Image:
     """A path, PIL image or HxWx3 uint8 array -> RGB PIL image, as displayed: its EXIF orientation
-    applied, 16-bit greyscale scaled to 8 bits. Refuses empty images and ones over MAX_IMAGE_PIXELS."""
+    applied, 16-bit greyscale scaled to 8 bits. Refuses empty images and ones over MAX_IMAGE_PIXELS.
+
+    exif=False keeps the stored pixel grid, as the official training datasets read images (their
+    masks are annotated on it)."""
+    transpose = ImageOps.exif_transpose if exif else (lambda im: im)
     if isinstance(image, Image.Image):
         _check_pixels(image.size, name)
-        return _to_rgb(ImageOps.exif_transpose(image), name)
+        return _to_rgb(transpose(image), name)
     if isinstance(image, np.ndarray):
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"{name} array must be HxWx3 uint8, got shape {image.shape} dtype {image.dtype}")
@@ -86,7 +90,7 @@ def load_image(image, name: str = "image") -> Image.Image:
         with im:
             _check_pixels(im.size, f"image {path}")
             try:
-                return _to_rgb(ImageOps.exif_transpose(im), f"image {path}")
+                return _to_rgb(transpose(im), f"image {path}")
             except OSError as e:  # a truncated or corrupt file fails only when its pixels are read
                 raise ValueError(f"cannot decode image {path}: {e}; the file is damaged") from None
     raise ValueError(f"unsupported {name} type {type(image).__name__}; give a path, PIL image or uint8 array")
@@ -166,6 +170,7 @@ MAX_ASPECT = 200  # both smart_resize versions reject more elongated images
 # Sa2VA's processor call limits (modeling_sa2va_qwen.py: predict_forward), the same for both families.
 SA2VA_MIN_PIXELS = 512 * 28 * 28
 SA2VA_MAX_PIXELS = 2048 * 28 * 28
+TRAIN_VIDEO_PIXELS = (128 * 28 * 28, 512 * 28 * 28)  # Sa2VABaseDataset min/max_pixels_multi: video frames in training
 
 
 def _check_aspect(height: int, width: int):
@@ -257,15 +262,18 @@ def process_image(image: Image.Image, vision: QwenVisionConfig, min_pixels: int 
 
 
 def qwen_image_inputs(images: list[Image.Image], vision: QwenVisionConfig, min_pixels: int = SA2VA_MIN_PIXELS,
-                      max_pixels: int = SA2VA_MAX_PIXELS, resize: str = "torch") -> tuple[torch.Tensor, torch.Tensor]:
+                      max_pixels: int = SA2VA_MAX_PIXELS, resize: str = "torch",
+                      fetch: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Sa2VA's full pipeline (fetch_image, then the processor) for images or video frames fed as images.
 
     Returns pixel_values (sum of L_i, C*tp*p*p) float32 and image_grid_thw (n_images, 3) long;
-    image i takes gh*gw/merge**2 `<|image_pad|>` tokens.
+    image i takes gh*gw/merge**2 `<|image_pad|>` tokens. fetch=False: the processor alone, as
+    the official training datasets call it.
     """
     if not images:
         raise ValueError("no images given; pass at least one PIL image")
-    patches, grids = zip(*(process_image(fetch_image(im), vision, min_pixels, max_pixels, resize) for im in images))
+    prepare = fetch_image if fetch else (lambda im: im.convert("RGB"))
+    patches, grids = zip(*(process_image(prepare(im), vision, min_pixels, max_pixels, resize) for im in images))
     return torch.cat(patches), torch.tensor(grids, dtype=torch.long)
 
 
@@ -500,7 +508,8 @@ class Processor:
                              "inconsistent, re-run convert.py")
 
     def media(self, image: Image.Image | None = None, frames: list[Image.Image] | None = None,
-              regions: np.ndarray | None = None) -> Media:
+              regions: np.ndarray | None = None, training: bool = False) -> Media:
+        """training: prepare pixels as the official training datasets do (differs for Qwen-VL)."""
         raise NotImplementedError
 
     def user_turn(self, text: str, media: Media | None, first: bool) -> str:
@@ -574,7 +583,7 @@ class InternVLProcessor(Processor):
     """InternVL family: dynamic 448-px tiles for an image, one tile per video key frame, `<vp>` regions."""
 
     def media(self, image: Image.Image | None = None, frames: list[Image.Image] | None = None,
-              regions: np.ndarray | None = None) -> Media:
+              regions: np.ndarray | None = None, training: bool = False) -> Media:
         v = self.cfg.vision
         if (image is None) == (frames is None):
             raise ValueError("give an image or the frames of a video, not both or neither")
@@ -630,13 +639,16 @@ class QwenVLProcessor(Processor):
         self.vision_start_id = tokenizer.token_to_id(QWEN_VISION_START)
 
     def media(self, image: Image.Image | None = None, frames: list[Image.Image] | None = None,
-              regions: np.ndarray | None = None, resize: str = "torch") -> Media:
+              regions: np.ndarray | None = None, training: bool = False, resize: str = "torch") -> Media:
+        """training: the processor alone (no fetch_image), video frames at 128-512 x 28^2 pixels
+        (Sa2VABaseDataset._process_multiple_images); inference takes fetch_image's sizes."""
         if (image is None) == (frames is None):
             raise ValueError("give an image or the frames of a video, not both or neither")
         if regions is not None:
             raise ValueError("mask_prompts (<vp> regions) need an InternVL-family model")
         images = [image] if image is not None else frames
-        pixels, grid = qwen_image_inputs(images, self.cfg.vision, resize=resize)
+        limits = TRAIN_VIDEO_PIXELS if training and frames is not None else (SA2VA_MIN_PIXELS, SA2VA_MAX_PIXELS)
+        pixels, grid = qwen_image_inputs(images, self.cfg.vision, *limits, resize=resize, fetch=not training)
         counts = (grid.prod(-1) // self.cfg.vision.spatial_merge_size ** 2).tolist()
         sam2 = sam2_frames(images, self.cfg.sam2.image_size) if self.cfg.sam2 else None
         return Media(pixels, grid, "".join(qwen_image_string(n) for n in counts), torch.arange(sum(counts)),
@@ -701,8 +713,84 @@ def collate(samples: list[Sample], pad: str = "right") -> ModelInputs:
 @dataclass
 class Skipped:
     """A record that cannot become a training sample, and why (reported, or fatal with --strict)."""
-    line: int  # 1-based line of the JSONL file
+    where: str  # the record: "data.jsonl line 3", "RefCOCO image 1234", ...
     reason: str
+
+
+class Records:
+    """A source of training records: dicts in the JSONL format below, with absolute paths.
+
+    `record(index, rng)` builds one (a dataset that draws objects or questions per sample
+    draws them from rng) and may raise ValueError / OSError / KeyError for a broken one;
+    `where(index)` names it in reports; `length(index)` is a rough token count for grouping
+    samples of similar length into batches. The JSONL file and every official dataset layout
+    (official_data.py) are Records.
+    """
+    name = "records"
+
+    def __len__(self) -> int:
+        raise NotImplementedError
+
+    def record(self, index: int, rng: np.random.Generator) -> dict:
+        raise NotImplementedError
+
+    def where(self, index: int) -> str:
+        return f"{self.name} sample {index}"
+
+    def length(self, index: int) -> int:
+        return 1000
+
+
+class JsonlRecords(Records):
+    """One record a line of a JSONL file; paths are relative to the file."""
+
+    def __init__(self, path: str):
+        self.path, self.root = path, os.path.dirname(os.path.abspath(path))
+        self.name = path
+        self.records: list[dict | ValueError] = []  # a record, or why its line is not one
+        self.lines: list[int] = []
+        with open(path, encoding="utf-8") as f:
+            for line, text in enumerate(f, 1):
+                if not text.strip():
+                    continue
+                try:
+                    record = json.loads(text)
+                except json.JSONDecodeError as e:
+                    record = ValueError(f"not JSON ({e})")
+                if not isinstance(record, (dict, ValueError)):
+                    record = ValueError("not a JSON object")
+                self.records.append(record)
+                self.lines.append(line)
+        if not self.records:
+            raise ValueError(f"{path} holds no samples; give one JSON object a line (see the README)")
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def where(self, index: int) -> str:
+        return f"{self.path} line {self.lines[index]}"
+
+    def length(self, index: int) -> int:
+        r = self.records[index]
+        if isinstance(r, ValueError):
+            return 0
+        text = sum(len(str(t.get("value", ""))) for t in r.get("conversations", []) if isinstance(t, dict))
+        return text // 3 + (5000 if "video" in r else 1000 if "image" in r else 0)
+
+    def record(self, index: int, rng: np.random.Generator) -> dict:
+        r = self.records[index]
+        if isinstance(r, ValueError):
+            raise r
+        r = dict(r)
+        for key in ("image", "video"):
+            if key in r:
+                r[key] = [self._path(p) for p in r[key]] if key == "video" and isinstance(r[key], list) else self._path(r[key])
+        return r
+
+    def _path(self, p) -> str:
+        if not isinstance(p, str):
+            raise ValueError(f"a path must be a string, got {type(p).__name__}")
+        return os.path.join(self.root, p)
 
 
 def sample_frames(num_frames: int, rng: np.random.Generator, k: int = NUM_KEY_FRAMES) -> list[int]:
@@ -713,108 +801,109 @@ def sample_frames(num_frames: int, rng: np.random.Generator, k: int = NUM_KEY_FR
     return sorted(rng.choice(num_frames, k, replace=True).tolist())
 
 
+def segment_frames(num_frames: int, rng: np.random.Generator, k: int = NUM_KEY_FRAMES) -> list[int]:
+    """The video-QA frames (Sa2VA04VideoQA `_get_rawvideo_dec`): every frame of a clip of at most
+    k, else one random frame in each of k equal segments."""
+    if num_frames <= k:
+        return list(range(num_frames))
+    edges = np.linspace(0, num_frames, k + 1, dtype=int)
+    return [int(rng.integers(edges[i], edges[i + 1])) for i in range(k)]
+
+
+FRAME_SAMPLING = {"distinct": sample_frames, "segments": segment_frames}
+MIN_REGION_CELLS = 4  # Sa2VA06VPDataset._get_region_infos drops samples with a region under 4 cells of a 16x16 grid
+
+
 class TrainingData:
-    """Training samples from a JSONL file, one sample a line, LLaVA-style:
+    """Training samples from Records (a JSONL file, or official_data's readers), LLaVA-style:
 
         {"image": "a.jpg", "conversations": [{"from": "human", "value": "<image>\\nPlease segment the cat."},
          {"from": "gpt", "value": "Sure, [SEG]."}], "masks": [MASK, ...]}
 
     masks follow the [SEG] tokens of the answers in order. A video is "video": "clip.mp4" or a
-    list of frame files, with "masks": [[MASK or null for every frame of the video], ...] per
-    object; its training frames are sampled as the official video datasets do. "regions":
-    [MASK, ...] are <vp> region prompts (InternVL family). MASK is COCO RLE (compressed or not)
-    or a list of polygons. Paths are relative to the JSONL file.
+    list of frame files, with "masks": [[MASK or null for every frame], ...] per object; its
+    training frames are drawn as the official video datasets do ("frame_sampling": "distinct",
+    the referring-VOS rule, or "segments", the video-QA one); "frame_step": k keeps every k-th
+    frame of the video first (the masks then cover the kept frames). "regions": [MASK, ...]
+    are <vp> region prompts (InternVL family; a region must cover 4 cells of a 16x16 grid, the
+    token grid of the released models). MASK is COCO RLE (compressed or not), a list of polygons, or a list of RLEs (parts
+    of one object, OR-ed).
 
     `data[epoch, index]` is a Sample (with mask queries and targets: per frame, the objects the
-    official 5-per-frame rule keeps) or a Skipped; each sample's randomness (frames, objects)
-    comes from (seed, epoch, index), so it does not depend on workers, ranks or resumption.
+    official 5-per-frame rule keeps) or a Skipped; each sample's randomness (objects, questions,
+    frames) comes from (seed, epoch, index), so it does not depend on workers, ranks or resumption.
     """
 
-    def __init__(self, path: str, processor: Processor, seed: int = 0, max_length: int = 8192):
-        self.path, self.root = path, os.path.dirname(os.path.abspath(path))
+    def __init__(self, source: "str | Records", processor: Processor, seed: int = 0, max_length: int = 8192):
+        self.source = JsonlRecords(source) if isinstance(source, str) else source
         self.processor, self.seed, self.max_length = processor, seed, max_length
-        self.records: list[dict | Skipped] = []
-        with open(path, encoding="utf-8") as f:
-            for line, text in enumerate(f, 1):
-                if not text.strip():
-                    continue
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError as e:
-                    record = Skipped(line, f"not JSON ({e})")
-                if not isinstance(record, (dict, Skipped)):
-                    record = Skipped(line, "not a JSON object")
-                if isinstance(record, dict):
-                    record["_line"] = line
-                self.records.append(record)
-        if not self.records:
-            raise ValueError(f"{path} holds no samples; give one JSON object a line (see the README)")
         sam2 = processor.cfg.sam2
         self.mask_size = 4 * sam2.grid if sam2 is not None else None
 
     def __len__(self) -> int:
-        return len(self.records)
+        return len(self.source)
 
     def length(self, index: int) -> int:
-        """A rough token count for grouping samples of similar length into batches."""
-        r = self.records[index]
-        if isinstance(r, Skipped):
-            return 0
-        text = sum(len(str(t.get("value", ""))) for t in r.get("conversations", []) if isinstance(t, dict))
-        return text // 3 + (5000 if "video" in r else 1000 if "image" in r else 0)
+        return self.source.length(index)
 
     def __getitem__(self, key: tuple[int, int]) -> Sample | Skipped:
         epoch, index = key
-        record = self.records[index]
-        if isinstance(record, Skipped):
-            return record
         rng = np.random.default_rng([self.seed, epoch, index])
         try:
-            return self._sample(record, rng)
+            return self.sample(self.source.record(index, rng), rng)
         except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
-            return Skipped(record["_line"], _one_line(e))
+            reason = f"missing key {e}" if isinstance(e, KeyError) else _one_line(e)
+            return Skipped(self.source.where(index), reason)
 
-    def _path(self, p) -> str:
-        if not isinstance(p, str):
-            raise ValueError(f"a path must be a string, got {type(p).__name__}")
-        return os.path.join(self.root, p)
-
-    def _sample(self, record: dict, rng: np.random.Generator) -> Sample | Skipped:
-        line = record["_line"]
+    def sample(self, record: dict, rng: np.random.Generator) -> Sample:
+        """One record -> Sample; raises ValueError (or OSError for files) when it cannot be one."""
         turns = _turns(record.get("conversations"))
         if "image" in record and "video" in record:
-            return Skipped(line, "has both image and video; give one")
+            raise ValueError("has both image and video; give one")
         media, masks = None, np.zeros((0, 1, 1, 1), dtype=bool)  # (objects, frames, H, W)
         if "image" in record:
-            image = load_image(self._path(record["image"]))
+            image = load_image(_path(record["image"]), exif=False)
             W, H = image.size
             regions = record.get("regions")
             regions = np.stack([decode_mask(m, H, W) for m in regions]) if regions else None
-            media = self.processor.media(image=image, regions=regions)
+            if regions is not None:
+                small = F.interpolate(torch.from_numpy(regions).float()[None], size=(16, 16), mode="nearest")[0]
+                cells = small.flatten(1).sum(1).int().tolist()
+                if min(cells) < MIN_REGION_CELLS:
+                    raise ValueError(f"region {cells.index(min(cells)) + 1} covers {min(cells)} cell(s) of the 16x16 "
+                                     f"grid, under {MIN_REGION_CELLS}")
+            media = self.processor.media(image=image, regions=regions, training=True)
             given = record.get("masks") or []
             masks = np.stack([decode_mask(m, H, W) for m in given])[:, None] if given else np.zeros((0, 1, H, W), bool)
         elif "video" in record:
             source = record["video"]
-            video = Video([self._path(p) for p in source] if isinstance(source, list) else self._path(source))
-            T, (W, H) = len(video), video.size
-            chosen = sample_frames(T, rng)
-            media = self.processor.media(frames=[video.frame(t) for t in chosen])
+            video = Video([_path(p) for p in source] if isinstance(source, list) else _path(source))
+            step = record.get("frame_step", 1)
+            if not isinstance(step, int) or step < 1:
+                raise ValueError(f"frame_step must be a positive integer, got {step!r}")
+            T, (W, H) = -(-len(video) // step), video.size  # frames kept
+            sampling = record.get("frame_sampling", "distinct")
+            if sampling not in FRAME_SAMPLING:
+                raise ValueError(f"unknown frame_sampling {sampling!r}; use one of {', '.join(FRAME_SAMPLING)}")
+            chosen = FRAME_SAMPLING[sampling](T, rng)
+            media = self.processor.media(frames=[video.frame(t * step) for t in chosen], training=True)
             objects = []
             for k, per_frame in enumerate(record.get("masks", [])):
                 if not isinstance(per_frame, list) or len(per_frame) != T:
                     n = len(per_frame) if isinstance(per_frame, list) else "no list of"
-                    return Skipped(line, f"object {k} has masks for {n} frames but the video has {T}")
+                    raise ValueError(f"object {k} has masks for {n} frames but the video has {T}"
+                                     + (f" (every {step}th of {len(video)})" if step > 1 else ""))
                 objects.append(np.stack([decode_mask(per_frame[t], H, W) if per_frame[t] is not None
                                          else np.zeros((H, W), bool) for t in chosen]))
             if objects:
                 masks = np.stack(objects)
         elif record.get("masks") or record.get("regions"):
-            return Skipped(line, "has masks but no image or video")
+            raise ValueError("has masks but no image or video")
         sample = self.processor(turns, media)
         if sample.num_seg != len(masks):
-            return Skipped(line, f"its answers hold {sample.num_seg} [SEG] but it gives {len(masks)} masks")
+            raise ValueError(f"its answers hold {sample.num_seg} [SEG] but it gives {len(masks)} masks")
         if len(sample.input_ids) > self.max_length:
-            return Skipped(line, f"it is {len(sample.input_ids)} tokens, more than max_length {self.max_length}")
+            raise ValueError(f"it is {len(sample.input_ids)} tokens, more than max_length {self.max_length}")
         if len(masks) and self.mask_size is not None:
             gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
             queries, targets = [], []
@@ -826,6 +915,12 @@ class TrainingData:
             sample.mask_queries = torch.tensor(queries, dtype=torch.long)
             sample.mask_targets = torch.stack(targets)
         return sample
+
+
+def _path(p) -> str:
+    if not isinstance(p, str):
+        raise ValueError(f"a path must be a string, got {type(p).__name__}")
+    return p
 
 
 def _turns(conversations) -> Turns:
@@ -874,14 +969,9 @@ def rle_encode(mask: np.ndarray) -> dict:
 
 
 def _runs_to_mask(counts: list[int], h: int, w: int) -> np.ndarray:
-    flat = np.zeros(h * w, dtype=bool)
-    pos = 0
-    for i, c in enumerate(counts):
-        if i % 2:
-            flat[pos:pos + c] = True
-        pos += c
-    if pos != h * w:
-        raise ValueError(f"RLE counts cover {pos} pixels but size {h}x{w} has {h * w}; the mask is corrupt")
+    if sum(counts) != h * w:
+        raise ValueError(f"RLE counts cover {sum(counts)} pixels but size {h}x{w} has {h * w}; the mask is corrupt")
+    flat = np.repeat(np.arange(len(counts)) % 2 == 1, counts)  # runs alternate 0s and 1s, from 0s
     return flat.reshape(w, h).T
 
 
@@ -938,11 +1028,20 @@ def polygon_mask(xy: list[float], h: int, w: int) -> np.ndarray:
 
 def decode_mask(mask, h: int, w: int) -> np.ndarray:
     """A mask as datasets give it -> (h, w) bool: COCO RLE (compressed or a list of counts, of
-    size h x w) or a list of polygons (OR-ed)."""
+    size h x w), a list of polygons, or a list of RLEs (parts of one object); parts are OR-ed.
+
+    pycocotools users sum the parts' uint8 maps (Sa2VA01RefSeg, the GCG datasets); where parts
+    overlap that gives 2, which every consumer treats as foreground, so the union is the same mask.
+    """
     if isinstance(mask, dict):
         if list(mask.get("size", [])) != [h, w]:
             raise ValueError(f"an RLE mask has size {mask.get('size')} but the image is {h}x{w}")
         return rle_decode(mask)
+    if isinstance(mask, list) and mask and all(isinstance(p, dict) for p in mask):
+        out = np.zeros((h, w), dtype=bool)
+        for p in mask:
+            out |= decode_mask(p, h, w)
+        return out
     if isinstance(mask, list) and mask and all(isinstance(p, list) for p in mask):
         if any(len(p) < 6 or len(p) % 2 for p in mask):
             raise ValueError("a polygon needs at least 3 (x, y) points")
@@ -950,17 +1049,26 @@ def decode_mask(mask, h: int, w: int) -> np.ndarray:
         for p in mask:
             out |= polygon_mask(p, h, w)
         return out
-    raise ValueError(f"a mask must be COCO RLE ({{'size', 'counts'}}) or a list of polygons, got {type(mask).__name__}")
+    raise ValueError("a mask must be COCO RLE ({'size', 'counts'}), a list of polygons or a list of RLEs, "
+                     f"got {type(mask).__name__}")
 
 
-def rle_decode(rle: dict) -> np.ndarray:
-    """A COCO RLE (compressed string or uncompressed list of counts) -> (H, W) bool mask."""
-    h, w = rle["size"]
-    counts = rle["counts"]
+def rle_counts(rle: dict) -> list[int]:
+    """The run lengths of a COCO RLE: its list of counts, or its compressed string (or bytes,
+    as pycocotools returns it) decoded. Checks they cover the mask exactly."""
+    if not isinstance(rle, dict) or "counts" not in rle or "size" not in rle:
+        raise ValueError("an RLE mask must be a dict with 'size' and 'counts'")
+    size, counts = rle["size"], rle["counts"]
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(n, int) and n >= 0 for n in size)):
+        raise ValueError(f"an RLE mask has size {size!r}; give [height, width]")
     if isinstance(counts, str):
+        counts = counts.encode("utf-8")  # a non-ASCII character fails the alphabet check below
+    if isinstance(counts, bytes):
         runs, x, k = [], 0, 0
-        for ch in counts.encode():
+        for ch in counts:
             c = ch - 48
+            if not 0 <= c < 64:
+                raise ValueError("an RLE mask's counts string has a character outside pycocotools' alphabet; the mask is corrupt")
             x |= (c & 0x1F) << (5 * k)
             k += 1
             if c & 0x20:
@@ -970,4 +1078,15 @@ def rle_decode(rle: dict) -> np.ndarray:
             runs.append(x + runs[-2] if len(runs) > 2 else x)
             x, k = 0, 0
         counts = runs
-    return _runs_to_mask(counts, h, w)
+    elif not (isinstance(counts, list) and all(isinstance(c, int) for c in counts)):
+        raise ValueError(f"an RLE mask's counts must be a string or a list of integers, got {type(counts).__name__}")
+    h, w = size
+    if any(c < 0 for c in counts) or sum(counts) != h * w:
+        raise ValueError(f"RLE counts cover {sum(counts)} pixels but size {h}x{w} has {h * w}; the mask is corrupt")
+    return counts
+
+
+def rle_decode(rle: dict) -> np.ndarray:
+    """A COCO RLE (compressed string or uncompressed list of counts) -> (H, W) bool mask."""
+    h, w = rle["size"] if isinstance(rle, dict) and "size" in rle else (0, 0)
+    return _runs_to_mask(rle_counts(rle), h, w)

@@ -3,6 +3,7 @@
     python train.py --model debug-internvl --data samples.jsonl --out runs/tiny --steps 50      # one process
     torchrun --nproc_per_node 8 train.py --model checkpoints/Sa2VA-1B --data mine.jsonl --out runs/ft
     torchrun --nnodes 2 --nproc_per_node 8 --rdzv-backend c10d --rdzv-endpoint HOST:29500 train.py ...
+    torchrun --nproc_per_node 8 train.py --model ... --data data/ --recipe in30-8b --out runs/sa2va   # the paper's mixture
 
 What is trained (projects/sa2va/configs, the released recipes): LoRA on the LLM's linear
 layers (r 128, alpha 256, dropout 0.05), the token embeddings and LM head in full, the InternVL
@@ -61,6 +62,7 @@ from model.lora import apply_lora, lora_modules, merge_lora
 from model.losses import loss_positions, lm_loss_at, mask_losses
 from model.sa2va import ModelInputs, Sa2VAModel
 from model.tokenizer import Tokenizer, load_official_tokenizer
+from official_data import RECIPES, open_mixture
 
 try:  # optional: TensorBoard event files beside metrics.jsonl when `tensorboard` is installed
     from torch.utils.tensorboard import SummaryWriter
@@ -72,8 +74,10 @@ except ImportError:
 class TrainConfig:
     model: str = arg(help="a folder written by convert.py, an official Sa2VA folder, a base MLLM folder (InternVL, "
                           "Qwen-VL) with --sam2, or random weights: a debug-* preset or random:PRESET (e.g. random:Sa2VA-1B)")
-    data: str = arg(help="training samples: a JSONL file, one sample a line (see the README)")
+    data: str = arg(help="training samples: a JSONL file, one sample a line (see the README), or a data root "
+                         "laid out as the official data release (with --recipe)")
     out: str = arg(help="the run folder: checkpoints, metrics.jsonl, final/ (an existing run is resumed)")
+    recipe: str | None = arg(None, "with a data root: the official mixture to train on (" + ", ".join(RECIPES) + ")")
     sam2: str | None = arg(None, "Meta's SAM-2 checkpoint (sam2_hiera_large.pt) when --model is a base MLLM")
     template: str | None = arg(None, "chat template of a base MLLM (default: qwen_chat, internlm2_chat for InternLM2)")
     steps: int = arg(1000, "optimizer steps")
@@ -239,6 +243,22 @@ def shard(model: Sa2VAModel, param_dtype: torch.dtype, activation_checkpointing:
     fully_shard(model, mp_policy=policy)
 
 
+def training_records(cfg: TrainConfig, rank: int) -> data.Records:
+    """--data as Records: a JSONL file, or a data root in the official layout mixed per --recipe."""
+    if os.path.isdir(cfg.data):
+        if cfg.recipe is None:
+            raise ValueError(f"--data {cfg.data} is a folder; give --recipe ({', '.join(RECIPES)}) to train on the "
+                             "official mixture of the datasets in it, or a JSONL file")
+        records, missing = open_mixture(cfg.data, cfg.recipe, cfg.seed)
+        if rank == 0 and missing:
+            print(f"train.py: {cfg.data} lacks {', '.join(missing)} of the {cfg.recipe} recipe; training on the rest",
+                  file=sys.stderr)
+        return records
+    if cfg.recipe is not None:
+        raise ValueError(f"--recipe {cfg.recipe} needs --data to be a data root (a folder), not a file")
+    return data.JsonlRecords(cfg.data)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """mmengine LinearLR (from 1e-5 of the peak) over the warm-up steps, then CosineAnnealingLR to 0."""
     warm = max(1, int(cfg.warmup_ratio * cfg.steps))
@@ -365,8 +385,8 @@ def train(cfg: TrainConfig):
     for name in ("steps", "batch_size", "micro_batch_size", "lora_r", "save_every", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
-    if not os.path.isfile(cfg.data):
-        raise ValueError(f"--data {cfg.data} is not a file; give a JSONL file of samples")
+    if not os.path.exists(cfg.data):
+        raise ValueError(f"--data {cfg.data} does not exist; give a JSONL file of samples or an official data root")
     rank, world, device = init_distributed()
     try:
         _train(cfg, rank, world, device)
@@ -385,7 +405,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
     if model_cfg.sam2 is None:
         raise ValueError(f"--model {cfg.model} has no SAM-2; training needs the whole Sa2VA")
     processor = data.make_processor(model_cfg, tokenizer)
-    dataset = data.TrainingData(cfg.data, processor, seed=cfg.seed, max_length=cfg.max_length)
+    dataset = data.TrainingData(training_records(cfg, rank), processor, seed=cfg.seed, max_length=cfg.max_length)
     resuming = prepare_run_folder(cfg, rank)  # after every check of the inputs: a failed start leaves nothing
     with torch.device("meta"):
         model = Sa2VAModel(model_cfg)
@@ -440,8 +460,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
                     if not isinstance(bad, data.Skipped):
                         continue
                     if cfg.strict:
-                        raise ValueError(f"{cfg.data} line {bad.line}: {bad.reason} (--strict)")
-                    skipped_file.write(json.dumps({"step": step + 1, "epoch": item_epoch, "line": bad.line,
+                        raise ValueError(f"{bad.where}: {bad.reason} (--strict)")
+                    skipped_file.write(json.dumps({"step": step + 1, "epoch": item_epoch, "sample": bad.where,
                                                    "reason": bad.reason}) + "\n")
                     totals[5] += 1
                     epoch_skipped += 1
@@ -484,8 +504,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
             if next_epoch > epoch or step + 1 == cfg.steps:  # the same step on every process
                 dist.all_reduce(epoch_skipped)
                 if rank == 0 and epoch_skipped.item():
-                    bar.write(f"train.py: epoch {epoch}: {int(epoch_skipped.item())} sample(s) skipped; their lines "
-                              f"and reasons are in {os.path.join(cfg.out, 'skipped_rank*.jsonl')}", file=sys.stderr)
+                    bar.write(f"train.py: epoch {epoch}: {int(epoch_skipped.item())} sample(s) skipped; which ones "
+                              f"and why is in {os.path.join(cfg.out, 'skipped_rank*.jsonl')}", file=sys.stderr)
                 epoch, epoch_skipped = next_epoch, torch.zeros(1)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.4f}")

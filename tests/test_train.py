@@ -232,8 +232,8 @@ def test_bad_records_are_skipped_with_their_reason(processor, tmp_path):
     ds = data.TrainingData(path, processor)
     got = [ds[0, i] for i in range(len(ds))]
     assert isinstance(got[0], data.Sample) and isinstance(got[1], data.Sample)
-    reasons = [(s.line, s.reason) for s in got[2:]]
-    assert [line for line, _ in reasons] == [3, 4, 5, 6, 7, 8, 9]
+    reasons = [(s.where, s.reason) for s in got[2:]]
+    assert [where for where, _ in reasons] == [f"{path} line {n}" for n in range(3, 10)]
     for (line, reason), want in zip(reasons, ["nope.png does not exist", "2 [SEG] but it gives 0 masks",
                                               "has size [3, 3] but the image is", "masks for 1 frames but the video has 2",
                                               "not a human turn then a gpt turn", "not a JSON object", "not JSON"]):
@@ -303,7 +303,7 @@ def test_bad_samples_are_counted_or_fatal_with_strict(tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert sum(r["skipped"] for r in metrics(tmp_path / "run")) == 1 and "epoch 0: 1 sample(s) skipped" in ok.stderr
     report = [json.loads(line) for line in open(tmp_path / "run" / "skipped_rank0.jsonl")]
-    assert report[0]["line"] == 4 and "gone.png does not exist" in report[0]["reason"]
+    assert report[0]["sample"].endswith("train.jsonl line 4") and "gone.png does not exist" in report[0]["reason"]
     strict = train(tmp_path / "strict", path, "--steps", "2", "--strict")
     assert strict.returncode == 2 and "line 4: image file" in strict.stderr and "--strict" in strict.stderr
     assert "Traceback" not in strict.stderr

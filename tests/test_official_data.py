@@ -301,6 +301,22 @@ def test_ref_davis17_eval_layout(root):
     assert masks[0][1] is None and data.decode_mask(masks[0][0], 16, 16).sum() == 16
 
 
+def test_qwen_training_images_and_frames_take_the_official_training_sizes(root, tmp_path):
+    folder, _ = root
+    debug_checkpoint.write_tokenizer(str(tmp_path), "qwen")
+    cfg = preset("debug-qwen2_5_vl")
+    qwen = data.make_processor(cfg, load_official_tokenizer(str(tmp_path)))
+    factor = cfg.vision.patch_size * cfg.vision.spatial_merge_size
+    video = data.TrainingData(od.open_dataset(str(folder), "ReVOS"), qwen)[0, 0]
+    h, w = data.smart_resize(32, 48, factor, *data.TRAIN_VIDEO_PIXELS)  # Sa2VABaseDataset min/max_pixels_multi
+    assert video.media.grid_thw.tolist() == [[1, h // cfg.vision.patch_size, w // cfg.vision.patch_size]] * 5
+    image = data.TrainingData(od.open_dataset(str(folder), "GCG-Flickr30k"), qwen)[0, 0]
+    h, w = data.smart_resize(48, 64, factor, data.SA2VA_MIN_PIXELS, data.SA2VA_MAX_PIXELS)  # no fetch_image first
+    assert image.media.grid_thw.tolist() == [[1, h // cfg.vision.patch_size, w // cfg.vision.patch_size]]
+    regions = data.TrainingData(od.open_dataset(str(folder), "Osprey-conversation"), qwen)[0, 0]
+    assert isinstance(regions, data.Skipped) and "InternVL" in regions.reason
+
+
 # ----------------------------------------------------------------------------- mixtures and check
 
 def test_mixture_repeats_every_dataset_as_the_recipe_says(root):

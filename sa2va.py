@@ -146,7 +146,8 @@ class Sa2VA:
 
     # ------------------------------------------------------------------ the steps
 
-    def encode_media(self, image=None, video=None, mask_prompts=None, key_frames: str = "first") -> Conversation:
+    def encode_media(self, image=None, video=None, mask_prompts=None, key_frames: str = "first",
+                     num_key_frames: int = NUM_KEY_FRAMES) -> Conversation:
         """A new conversation about an image (path, PIL image or uint8 array; optional `<vp>`
         regions) or a video (file, frame folder or list of frames), with the processor's inputs
         for it (run_llm adds the vision tower's output, once for every turn that follows)."""
@@ -154,6 +155,8 @@ class Sa2VA:
             raise ValueError("give an image or a video, not both or neither")
         if mask_prompts is not None and (image is None or self.cfg.family != "internvl"):
             raise ValueError("mask_prompts (<vp> regions) need an image and an InternVL-family model")
+        if not isinstance(num_key_frames, int) or num_key_frames < 1:
+            raise ValueError(f"num_key_frames must be a positive integer, got {num_key_frames!r}")
         if key_frames not in data.KEY_FRAME_MODES:
             raise ValueError(f"unknown key-frame mode {key_frames!r}; use one of {', '.join(data.KEY_FRAME_MODES)}")
         if image is not None:
@@ -162,7 +165,7 @@ class Sa2VA:
             keys = []
         else:
             video = video if isinstance(video, data.Video) else data.Video(video)
-            keys = data.key_frame_indices(len(video), NUM_KEY_FRAMES, key_frames)
+            keys = data.key_frame_indices(len(video), num_key_frames, key_frames)
             media = self.processor.media(frames=[video.frame(t, keep=True) for t in keys])
         return Conversation(media=media, image=image, video=video, key_frames=keys, owner=self._token)
 
@@ -245,12 +248,12 @@ class Sa2VA:
     def predict(self, image=None, video=None, text: str = "", mask_prompts=None, answer: str | None = None,
                 history: Conversation | None = None, max_new_tokens: int = 2048, temperature: float = 0.0,
                 top_p: float = 1.0, seed: int | None = None, key_frames: str = "first",
-                progress: bool = False) -> Prediction:
+                num_key_frames: int = NUM_KEY_FRAMES, progress: bool = False) -> Prediction:
         """Answer `text` about an image or a video and segment every `[SEG]` of the answer.
 
         text holds '<image>' where the visual tokens go. answer= skips generation and runs the
         given answer teacher-forced. history= continues a conversation (same image/video).
-        key_frames: 'first' (official: the first 5 frames) or 'uniform' (5 evenly spaced).
+        key_frames: 'first' (official: the first num_key_frames frames) or 'uniform' (evenly spaced).
         """
         generation = self._generation(max_new_tokens, temperature, top_p, seed)  # checked before any work
         if history is not None and not isinstance(history, Conversation):
@@ -261,7 +264,7 @@ class Sa2VA:
         if history is not None and history.text and (image is not None or video is not None):
             raise ValueError("a follow-up turn reuses the conversation's image or video; start a new conversation for new media")
         if image is not None or video is not None:
-            conv = self.encode_media(image, video, mask_prompts, key_frames)
+            conv = self.encode_media(image, video, mask_prompts, key_frames, num_key_frames)
         elif mask_prompts is not None:
             raise ValueError("mask_prompts (<vp> regions) need an image and an InternVL-family model")
         else:

@@ -367,17 +367,18 @@ class RefVOS(Records):
     expressions: {"videos": {vid: {"frames": [...], "expressions": {exp_id: {"exp", "anno_id": [...],
     "obj_id": [...]}}}}}; masks (JSON or pickle): {anno_id: [RLE or None per frame]}; frames are
     `frames/vid/frame.jpg`. running_ids (Ref-YTVOS, whose expressions have no anno_id): expression
-    k of the file, counted over all videos in order (frames and expression ids sorted), has mask
-    entry str(k). One sample per video.
+    k of the file, counted over all videos in order (expression ids sorted), has mask entry
+    str(k); "sorted": counted over the videos sorted by name (Ref-DAVIS17, as
+    tools/eval/eval_davis.py `get_meta_exp` numbers them). One sample per video.
     """
 
-    def __init__(self, expressions: str, masks: str, frames: str, running_ids: bool = False, name: str = "ReVOS"):
+    def __init__(self, expressions: str, masks: str, frames: str, running_ids: bool | str = False, name: str = "ReVOS"):
         self.name, self.frames = name, frames
         videos = _expect(_expect(load_annotations(expressions), dict, expressions).get("videos"), dict,
                          f"{expressions} 'videos'")
         self.masks = _expect(load_annotations(masks), dict, masks)
         self.entries, count = [], 0
-        for vid, info in videos.items():
+        for vid, info in (sorted(videos.items()) if running_ids == "sorted" else videos.items()):
             _expect(info, dict, f"{expressions} video {vid}")
             frame_ids = sorted(_expect(info.get("frames"), list, f"{expressions} video {vid} 'frames'"))
             exps = []
@@ -865,7 +866,8 @@ EVAL_DATASETS = {
     "Ref-DAVIS17": ("video_datas/davis17/meta_expressions/valid/meta_expressions.json",
                     lambda root, seed, **_: RefVOS(_in(root, "video_datas/davis17/meta_expressions/valid/meta_expressions.json"),
                                                    _in(root, "video_datas/davis17/valid/mask_dict.pkl"),
-                                                   _in(root, "video_datas/davis17/valid/JPEGImages"), name="Ref-DAVIS17")),
+                                                   _in(root, "video_datas/davis17/valid/JPEGImages"), running_ids="sorted",
+                                                   name="Ref-DAVIS17")),
 }
 
 _SEG = {"RefCOCO": 5, "RefCOCO+": 5, "RefCOCOg": 4, "LLaVA-665k": 1, "ReVOS": 10, "MeViS": 4, "Ref-YTVOS": 4,

@@ -233,14 +233,18 @@ def write_osprey(root) -> dict:
 
 
 def write_davis(root):
-    """Ref-DAVIS17 valid (an evaluation layout): anno ids, a pickled mask dict."""
+    """Ref-DAVIS17 valid (an evaluation layout): no anno ids (masks numbered by expression over the
+    sorted videos), a pickled mask dict."""
     folder = root / "video_datas" / "davis17"
-    for t in range(2):
-        save_image(folder / "valid" / "JPEGImages" / "bear" / f"{t:05d}.jpg", 16, 16)
-    write_json(folder / "meta_expressions" / "valid" / "meta_expressions.json", {"videos": {"bear": {
-        "frames": ["00000", "00001"], "expressions": {"0": {"exp": "a bear", "anno_id": ["7"], "obj_id": [1]}}}}})
-    with open(folder / "valid" / "mask_dict.pkl", "wb") as f:
-        pickle.dump({"7": [rle(box(16, 16, 0, 0, 4, 4), as_bytes=True), None]}, f)
+    videos = {}
+    for vid in ("zebra", "bear"):
+        for t in range(2):
+            save_image(folder / "valid" / "JPEGImages" / vid / f"{t:05d}.jpg", 16, 16)
+        videos[vid] = {"frames": ["00000", "00001"], "expressions": {"0": {"exp": f"a {vid}", "obj_id": "1"}}}
+    write_json(folder / "meta_expressions" / "valid" / "meta_expressions.json", {"videos": videos})
+    with open(folder / "valid" / "mask_dict.pkl", "wb") as f:  # bear (sorted first) is 0
+        pickle.dump({"0": [rle(box(16, 16, 0, 0, 4, 4), as_bytes=True), None],
+                     "1": [rle(box(16, 16, 0, 0, 2, 2), as_bytes=True)] * 2}, f)
 
 
 def write_official_root(root) -> dict:

@@ -272,6 +272,10 @@ def _qwen_vl_config(hf: _Section, sam2: SAM2Config, ids: dict, system_prompt: st
 
 def config_to_official(cfg: Sa2VAConfig) -> dict:
     """The official config.json fields our converter reads, for a config of ours."""
+    if not cfg.video_memory or (cfg.family == "internvl" and cfg.vision.max_tiles != 12):
+        raise ValueError("this model tiles images to at most "
+                         f"{cfg.vision.max_tiles if cfg.family == 'internvl' else 12} tiles or decodes video frames "
+                         "without SAM-2 memory, which the official code cannot express; keep it in our format")
     official = _qwen_vl_config_to_official(cfg) if cfg.family != "internvl" else _internvl_config_to_official(cfg)
     if cfg.sam2 is not None and cfg.sam2 != SAM2_HIERA_L:  # releases are Hiera-L; say which SAM-2 any other has
         official["sam2_config"] = dataclasses.asdict(cfg.sam2)

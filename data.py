@@ -589,7 +589,7 @@ class InternVLProcessor(Processor):
             raise ValueError("give an image or the frames of a video, not both or neither")
         if frames is not None and regions is not None:
             raise ValueError("<vp> regions need an image, not a video")
-        images = dynamic_tiles(image, v.image_size) if image is not None else frames
+        images = dynamic_tiles(image, v.image_size, max_num=v.max_tiles) if image is not None else frames
         tiles = to_tensor(images, v.image_size, v.pixel_mean, v.pixel_std)
         tpt = v.tokens_per_tile
         # an image is one <img> block of all its tiles; a video one block per frame
@@ -791,6 +791,16 @@ class JsonlRecords(Records):
         if not isinstance(p, str):
             raise ValueError(f"a path must be a string, got {type(p).__name__}")
         return os.path.join(self.root, p)
+
+    def problems(self, index: int) -> list[str]:
+        """What `official_data.py check` reports for a line: not a sample, or its files missing."""
+        try:
+            r = self.record(index, np.random.default_rng(0))
+        except ValueError:
+            return ["line is not a sample"]
+        video = r.get("video", [])
+        paths = ([r["image"]] if "image" in r else []) + (video if isinstance(video, list) else [video])
+        return ["missing image or video"] if any(not os.path.exists(p) for p in paths) else []
 
 
 def sample_frames(num_frames: int, rng: np.random.Generator, k: int = NUM_KEY_FRAMES) -> list[int]:

@@ -30,22 +30,25 @@ def added_tokens(family: str) -> list[str]:
     return base + SA2VA_TOKENS
 
 
-def write_tokenizer(dst: str, family: str, vocab_size: int | None = None):
-    """A Qwen-style byte-level BPE without merges, saved as an official tokenizer folder.
+def write_tokenizer(dst: str, family: str, vocab_size: int | None = None, bpe: models.BPE | None = None):
+    """A Qwen-style byte-level BPE, saved as an official tokenizer folder with the family's tokens.
 
-    vocab_size pads the BPE vocab with unreachable dummy tokens so that len(tokenizer), added
-    tokens included, matches a real-shape embedding (benchmarks); None keeps the 256 bytes only.
+    bpe: a trained byte-level BPE (world.py's); default one without merges. vocab_size pads the
+    vocab with unreachable dummy tokens so that len(tokenizer), added tokens included, matches a
+    real-shape embedding (benchmarks); None keeps the 256 bytes only.
     """
-    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    if vocab_size is not None:
-        base = len(vocab)
-        n_pad = vocab_size - base - len(added_tokens(family))
-        if n_pad < 0:
-            raise ValueError(f"vocab_size {vocab_size} is below the {base + len(added_tokens(family))} "
-                             "tokens a debug tokenizer needs")
-        # Multi-character entries: a BPE without merges can never produce them.
-        vocab.update({f"<|dummy_{i}|>": base + i for i in range(n_pad)})
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    if bpe is None:
+        vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+        if vocab_size is not None:
+            base = len(vocab)
+            n_pad = vocab_size - base - len(added_tokens(family))
+            if n_pad < 0:
+                raise ValueError(f"vocab_size {vocab_size} is below the {base + len(added_tokens(family))} "
+                                 "tokens a debug tokenizer needs")
+            # Multi-character entries: a BPE without merges can never produce them.
+            vocab.update({f"<|dummy_{i}|>": base + i for i in range(n_pad)})
+        bpe = models.BPE(vocab=vocab, merges=[])
+    tok = Tokenizer(bpe)
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in added_tokens(family)])

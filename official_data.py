@@ -42,7 +42,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from cli import arg, parse, run
-from data import Records, rle_counts
+from data import JsonlRecords, Records, rle_counts
 
 # ----------------------------------------------------------------------------- templates
 # projects/sa2va/datasets/common.py, verbatim (repeats included: they weigh the draw).
@@ -861,6 +861,9 @@ for _kind, _file in (("conversation", "osprey_conversation"), ("description", "o
         lambda root, seed, _k=_kind, _f=_file, **_: Osprey(_in(root, f"osprey-724k/Osprey-724K/{_f}.json"),
                                                            [_in(root, p) for p in OSPREY_IMAGES], _k, f"Osprey-{_k}"))
 
+# Your own samples beside the official data: a JSONL file in the training format (README), at the root.
+DATASETS["custom"] = ("custom.jsonl", lambda root, seed, **_: JsonlRecords(_in(root, "custom.jsonl")))
+
 # Evaluation layouts the same readers take (not in any training mixture).
 EVAL_DATASETS = {
     "Ref-DAVIS17": ("video_datas/davis17/meta_expressions/valid/meta_expressions.json",
@@ -887,6 +890,8 @@ RECIPES = {
                  "Osprey-conversation": 1, "Osprey-description": 1},
     "qwen": {**_SEG, "GCG-RefCOCOg": 10, "GCG-GranDf": 100, "GCG-Flickr30k": 10, "GCG-OpenPSG": 10},
 }
+# world.py's shapes (the shipped model): its RefCOCO-style images, MeViS-style videos and custom.jsonl.
+RECIPES["shapes"] = {"RefCOCO": 1, "MeViS": 1, "custom": 1}
 SKIP_PURE_TEXT = {"qwen"}  # recipes whose LLaVA data leaves out samples without an image
 
 

@@ -229,6 +229,15 @@ class Sa2VA:
         video, size = conv.video, self.cfg.sam2.image_size
         T = len(video)
         prepared = dict(zip(conv.key_frames, conv.media.sam2_frames))  # the processor resized the key frames
+        if not self.cfg.video_memory:  # every frame decoded with the prompts alone, as the model was trained
+            masks = np.zeros((prompts.shape[0], T, H, W), dtype=bool)
+            queries = torch.stack([torch.arange(len(prompts)), torch.zeros(len(prompts), dtype=torch.long)], -1)
+            steps = tqdm(range(T), desc="SAM-2 frames", unit="frame") if progress else range(T)
+            for t in steps:
+                x = prepared[t] if t in prepared else data.sam2_frames([video.frame(t)], size)[0]
+                logits = self.model.decode_masks(x[None].to(self.device), prompts, queries.to(self.device))
+                masks[:, t] = bridge.postprocess(logits, (H, W)).cpu().numpy()
+            return list(masks)
 
         def frame(t: int) -> torch.Tensor:
             x = prepared[t] if t in prepared else data.sam2_frames([video.frame(t)], size)[0]

@@ -80,6 +80,8 @@ class TrainConfig:
     recipe: str | None = arg(None, "with a data root: the official mixture to train on (" + ", ".join(RECIPES) + ")")
     sam2: str | None = arg(None, "Meta's SAM-2 checkpoint (sam2_hiera_large.pt) when --model is a base MLLM")
     template: str | None = arg(None, "chat template of a base MLLM (default: qwen_chat, internlm2_chat for InternLM2)")
+    tokenizer: str | None = arg(None, "with random:PRESET: the tokenizer folder to train with (default: a byte-level one)")
+    full: bool = arg(False, "train every parameter, without LoRA (a model from scratch; the official recipe is LoRA)")
     steps: int = arg(1000, "optimizer steps")
     batch_size: int = arg(16, "samples per optimizer step, over all processes")
     micro_batch_size: int = arg(1, "samples per forward pass of a process")
@@ -157,14 +159,22 @@ def model_source(cfg: TrainConfig) -> tuple[Sa2VAConfig, Tokenizer, Callable[[],
         return convert.read_base(name, cfg.sam2, cfg.template, seed=cfg.seed)
     if cfg.template is not None:
         raise ValueError("--template goes with a base MLLM (--sam2); a Sa2VA checkpoint keeps its own")
+    if cfg.tokenizer is not None and not name.startswith(("debug-", "random:")):
+        raise ValueError("--tokenizer goes with random weights (random:PRESET); a checkpoint keeps its own")
     if name.startswith(("debug-", "random:")):  # random weights: a debug preset, or any preset's shapes
         shape = name.removeprefix("random:")
         if shape not in preset_names():
             raise ValueError(f"unknown preset {shape!r}; known: {', '.join(preset_names())}")
         model_cfg = preset(shape)
-        with tempfile.TemporaryDirectory() as tmp:  # the byte-level debug tokenizer, padded to the vocabulary
-            debug_checkpoint.write_tokenizer(tmp, model_cfg.family, vocab_size=model_cfg.llm.vocab_size)
-            tokenizer = load_official_tokenizer(tmp)
+        if cfg.tokenizer is not None:
+            tokenizer = load_official_tokenizer(cfg.tokenizer)
+            if len(tokenizer) != model_cfg.llm.vocab_size:
+                raise ValueError(f"--tokenizer {cfg.tokenizer} has {len(tokenizer)} tokens but {shape} has a vocabulary "
+                                 f"of {model_cfg.llm.vocab_size}; give the tokenizer made for it")
+        else:
+            with tempfile.TemporaryDirectory() as tmp:  # the byte-level debug tokenizer, padded to the vocabulary
+                debug_checkpoint.write_tokenizer(tmp, model_cfg.family, vocab_size=model_cfg.llm.vocab_size)
+                tokenizer = load_official_tokenizer(tmp)
         model_cfg = dataclasses.replace(model_cfg, image_token_id=tokenizer.token_to_id(data.image_token(model_cfg.family)),
                                         seg_token_id=tokenizer.token_to_id(data.SEG))
         return model_cfg, tokenizer, lambda: debug_checkpoint.random_state(model_cfg)
@@ -182,10 +192,11 @@ def model_source(cfg: TrainConfig) -> tuple[Sa2VAConfig, Tokenizer, Callable[[],
     return model_cfg, tokenizer, ours
 
 
-def set_trainable(model: Sa2VAModel):
+def set_trainable(model: Sa2VAModel, full: bool = False):
     """The official split: LoRA adapters, embeddings + LM head, the InternVL projector, SAM-2's
-    mask decoder and text_hidden_fcs are trained; everything else is frozen."""
-    model.requires_grad_(False)
+    mask decoder and text_hidden_fcs are trained; everything else is frozen. full: everything
+    (a model from scratch), but the heads that take no loss."""
+    model.requires_grad_(full)
     trained = [model.llm.embed_tokens, model.text_hidden_fcs, model.grounding.sam2.sam_mask_decoder]
     if not model.cfg.llm.tie_embeddings:
         trained.append(model.llm.lm_head)
@@ -208,10 +219,25 @@ def set_trainable(model: Sa2VAModel):
                 lora.bias.requires_grad_(False)
 
 
-def initial_state(model: Sa2VAModel, weights: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+FROZEN_HEADS = "grounding.sam2.sam_mask_decoder."
+
+
+def initial_state(model: Sa2VAModel, weights: dict[str, torch.Tensor], seed: int,
+                  from_scratch: bool = False) -> dict[str, torch.Tensor]:
     """The full state to start from: the checkpoint's weights and fresh LoRA adapters (A uniform
-    as peft inits it, B zero), drawn in a fixed order from the seed."""
+    as peft inits it, B zero), drawn in a fixed order from the seed.
+
+    from_scratch: the two heads that never take a loss are set so that they decide nothing: the
+    IoU head always picks the first of the 3 mask outputs (a random head would pick by noise,
+    training each output a little), the object score always says present."""
     state = dict(weights)
+    if from_scratch:
+        iou = FROZEN_HEADS + f"iou_prediction_head.layers.{model.cfg.sam2.iou_head_depth - 1}."
+        state[iou + "weight"] = torch.zeros_like(state[iou + "weight"])
+        state[iou + "bias"] = torch.tensor([0.0, 1.0, 0.0, 0.0])  # output 0 is the single-mask token
+        obj = FROZEN_HEADS + "pred_obj_score_head.layers.2."
+        state[obj + "weight"] = torch.zeros_like(state[obj + "weight"])
+        state[obj + "bias"] = torch.full_like(state[obj + "bias"], 10.0)
     gen = torch.Generator().manual_seed(seed)
     drawn = {}  # InternLM2's q/k/v share one lora_A parameter: one draw for it
     for name, lora in sorted(lora_modules(model).items()):
@@ -409,10 +435,12 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
     resuming = prepare_run_folder(cfg, rank)  # after every check of the inputs: a failed start leaves nothing
     with torch.device("meta"):
         model = Sa2VAModel(model_cfg)
-    apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
-    set_trainable(model)
+    if not cfg.full:
+        apply_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    set_trainable(model, cfg.full)
     names = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad}
-    state = initial_state(model, read_weights(), cfg.seed) if rank == 0 else {}
+    scratch = cfg.full and cfg.model.startswith(("debug-", "random:"))
+    state = initial_state(model, read_weights(), cfg.seed, from_scratch=scratch) if rank == 0 else {}
     shard(model, param_dtype, cfg.activation_checkpointing, cfg.compile)
     model.to_empty(device=device)
     set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))

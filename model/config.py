@@ -84,6 +84,7 @@ class InternViTConfig:
     norm_type: str = "layer_norm"  # "layer_norm" (300M) or "rms_norm" (6B)
     norm_eps: float = 1e-6
     downsample_ratio: float = 0.5
+    max_tiles: int = 12  # dynamic tiling's max_num (every release: 12, hard-coded in the official inference)
     pixel_mean: tuple[float, float, float] = IMAGENET_MEAN  # tile normalisation
     pixel_std: tuple[float, float, float] = IMAGENET_STD
 
@@ -279,6 +280,10 @@ class Sa2VAConfig:
     # (the released Sa2VA-Qwen3-VL, whose transformers 4.57 hidden_states[-1] is pre-norm) or
     # after it (every other release).
     seg_hidden_prenorm: bool = False
+    # Video masks: SAM-2's memory carries the key frames' prompts to the other frames (every
+    # release); False decodes each frame with the [SEG] prompts alone (the shipped shapes model,
+    # trained from scratch without the memory path, which Sa2VA's losses never train).
+    video_memory: bool = True
     _: KW_ONLY
     # Tokenizer ids the model itself needs: the visual-token slot and [SEG]. Set from the
     # checkpoint's tokenizer by convert.py.
@@ -457,12 +462,30 @@ def debug_config(family: str = "internvl", llm: str = "qwen2", vocab_size: int |
     return Sa2VAConfig("qwen3_vl", vit, lm, tiny_sam2, seg_hidden_prenorm=True, **ids)
 
 
+def shapes_config() -> Sa2VAConfig:
+    """The shipped model (world.py's shapes, trained from scratch by train.py): an InternVL-family
+    Sa2VA at toy sizes. One 224-px tile (64 visual tokens) per image, a 6-layer Qwen2-style LLM on
+    its own byte-level BPE, a Hiera SAM-2 at 256 px (16x16 features, 64x64 mask logits)."""
+    vocab, image_id, seg_id = SHAPES_TOKENIZER
+    vit = InternViTConfig(hidden_size=192, n_layers=4, n_heads=3, intermediate_size=576, image_size=224, max_tiles=1)
+    lm = LLMConfig(vocab, 256, 6, 4, 2, 768, qkv_bias=True, arch="qwen2")
+    sam2 = SAM2Config(embed_dim=24, num_heads=1, stages=(1, 2, 4, 1), global_att_blocks=(5,), window_spec=(8, 4, 8, 4),
+                      window_pos_embed_bkg_spatial_size=(4, 4), d_model=128, mem_dim=64, memory_attention_layers=2,
+                      memory_attention_ffn=512, decoder_heads=4, decoder_mlp_dim=512, iou_head_hidden_dim=64, image_size=256)
+    return Sa2VAConfig("internvl", vit, lm, sam2, "qwen_chat", video_memory=False, image_token_id=image_id,
+                       seg_token_id=seg_id)
+
+
+# (vocabulary size, <IMG_CONTEXT> id, [SEG] id) of world.py's tokenizer for the shipped model
+SHAPES_TOKENIZER = (512, 500, 507)
+
 # Tiny random-weight models, one per family (tests, self-check, quick benchmarks).
 PRESETS.update({
     "debug-internvl": debug_config("internvl", "qwen2"),
     "debug-internvl-internlm2": debug_config("internvl", "internlm2"),
     "debug-qwen2_5_vl": debug_config("qwen2_5_vl"),
     "debug-qwen3_vl": debug_config("qwen3_vl"),
+    "sa2va-shapes": shapes_config(),
 })
 
 
@@ -474,3 +497,8 @@ def preset(name: str) -> Sa2VAConfig:
 
 def preset_names() -> list[str]:
     return list(PRESETS)
+
+
+def release_names() -> list[str]:
+    """The presets of released checkpoints (not the debug models, not our shipped shapes model)."""
+    return [n for n in PRESETS if not n.startswith("debug-") and n != "sa2va-shapes"]

@@ -258,4 +258,8 @@ def write_official_root(root) -> dict:
     facts["GCG"] = write_gcg(root)
     facts["Osprey"] = write_osprey(root)
     write_davis(root)
+    (root / "custom.jsonl").write_text(json.dumps({  # your own samples beside the official data
+        "image": "osprey-724k/coco/train2017/000000000005.jpg", "masks": [rle(facts["Osprey"]["regions"][0])],
+        "conversations": [{"from": "human", "value": "<image>\nPlease segment the left half."},
+                          {"from": "gpt", "value": "Sure, [SEG]."}]}) + "\n")
     return facts

@@ -349,7 +349,7 @@ def test_check_reports_what_is_there_and_what_is_wrong(root, processor, tmp_path
     folder, _ = root
     n, text = report(folder, ("recipe", "in30-8b"))
     assert n == 0, text
-    assert "19 of 19 datasets found" in text and "RefCOCO: 2 samples, no problems" in text
+    assert "20 of 20 datasets found" in text and "custom: 1 samples, no problems" in text and "RefCOCO: 2 samples, no problems" in text
     assert "GCG-Flickr30k: 1 samples" in text and "recipe in30-8b: " in text and "GCG-GranDf 1 x 50" in text
     broken = tmp_path / "broken"
     shutil.copytree(folder, broken)

@@ -891,7 +891,7 @@ RECIPES = {
     "qwen": {**_SEG, "GCG-RefCOCOg": 10, "GCG-GranDf": 100, "GCG-Flickr30k": 10, "GCG-OpenPSG": 10},
 }
 # world.py's shapes (the shipped model): its RefCOCO-style images, MeViS-style videos and custom.jsonl.
-RECIPES["shapes"] = {"RefCOCO": 1, "MeViS": 1, "custom": 1}
+RECIPES["shapes"] = {"RefCOCO": 1, "MeViS": 3, "custom": 1}
 SKIP_PURE_TEXT = {"qwen"}  # recipes whose LLaVA data leaves out samples without an image
 
 

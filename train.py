@@ -101,10 +101,11 @@ class TrainConfig:
     activation_checkpointing: bool = arg(True, "recompute the LLM blocks in the backward pass")
     compile: bool = arg(False, "torch.compile every block")
     strict: bool = arg(False, "stop at the first bad sample instead of skipping it")
+    export_dtype: str | None = arg(None, "cast final/'s floating tensors (bf16, fp16, fp32); default: as trained")
 
 
 # Options that change nothing a run computes (a moved run folder, ...): a resumed run may differ in these.
-RESUMABLE_CHANGES = ("out", "workers", "save_every", "keep_checkpoints", "strict")
+RESUMABLE_CHANGES = ("out", "workers", "save_every", "keep_checkpoints", "strict", "export_dtype")
 
 
 def main(argv=None):
@@ -210,6 +211,14 @@ def set_trainable(model: Sa2VAModel, full: bool = False):
     decoder = model.grounding.sam2.sam_mask_decoder
     decoder.iou_prediction_head.requires_grad_(False)
     decoder.pred_obj_score_head.requires_grad_(False)
+    if full:  # likewise what the training forward never runs: SAM-2's video memory, its point and mask prompts
+        sam2 = model.grounding.sam2
+        for module in (sam2.memory_attention, sam2.memory_encoder, sam2.obj_ptr_proj, sam2.mask_downsample,
+                       sam2.sam_prompt_encoder.point_embeddings,
+                       sam2.sam_prompt_encoder.mask_downscaling):
+            module.requires_grad_(False)
+        for p in (sam2.maskmem_tpos_enc, sam2.no_mem_pos_enc, sam2.no_obj_ptr):
+            p.requires_grad_(False)
     for lora in lora_modules(model).values():
         lora.lora_A.requires_grad_(True)
         lora.lora_B.requires_grad_(True)
@@ -395,6 +404,9 @@ def export_final(cfg: TrainConfig, model, model_cfg: Sa2VAConfig, tokenizer: Tok
     if rank != 0:
         return
     merged = merge_lora(state, cfg.lora_alpha / cfg.lora_r)
+    dtype = parse_dtype(cfg.export_dtype)
+    if dtype is not None:
+        merged = {k: v.to(dtype) if v.is_floating_point() else v for k, v in merged.items()}
     dst = os.path.join(cfg.out, "final")
     if os.path.isdir(dst):
         shutil.rmtree(dst)  # our own export of an earlier, shorter run of this folder
@@ -413,6 +425,7 @@ def train(cfg: TrainConfig):
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
     if not os.path.exists(cfg.data):
         raise ValueError(f"--data {cfg.data} does not exist; give a JSONL file of samples or an official data root")
+    parse_dtype(cfg.export_dtype)  # a bad value fails now, not after training
     rank, world, device = init_distributed()
     try:
         _train(cfg, rank, world, device)

@@ -3,6 +3,7 @@ train.py (one process and two under torchrun on gloo, an exact resume after SIGK
 the final/ export)."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from pycocotools import mask as mask_utils
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import convert
@@ -180,6 +181,29 @@ def processor(tmp_path_factory):
     return data.make_processor(preset("debug-internvl"), load_official_tokenizer(str(folder)))
 
 
+def test_full_training_trains_exactly_what_takes_a_gradient(processor, tmp_path):
+    """--full: every trained parameter gets a gradient from the losses (an image and a video
+    sample), every frozen one would get none; AdamW then holds state for all of them, which a
+    resumed run needs."""
+    import train as training
+    model = Sa2VAModel(preset("debug-internvl"))
+    training.set_trainable(model, full=True)
+    ds = data.TrainingData(write_box_dataset(tmp_path, n_images=1), processor, seed=0)
+    inputs = training.complete(data.collate([ds[0, 0], ds[0, 1]], pad="right"), model.cfg)
+    out = model(inputs, logits=loss_positions(inputs.labels))
+    loss_mask, loss_dice = mask_losses(out.mask_logits, inputs.mask_targets, torch.Generator().manual_seed(0))
+    (lm_loss_at(out.logits, inputs.labels) + loss_mask + loss_dice).backward()
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == trained
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert any(n.startswith("grounding.sam2.memory_encoder.") for n in frozen)
+    model.requires_grad_(True)  # all of them: the frozen ones do take no gradient
+    model.zero_grad(set_to_none=True)
+    (lm_loss_at(model(inputs, logits=loss_positions(inputs.labels)).logits, inputs.labels)
+     + sum(mask_losses(model(inputs).mask_logits, inputs.mask_targets, torch.Generator().manual_seed(0)))).backward()
+    assert {n for n, p in model.named_parameters() if p.grad is not None} == trained
+
+
 def test_polygons_decode_as_pycocotools():
     rng = np.random.default_rng(0)
     for trial in range(200):
@@ -296,6 +320,29 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
         (tmp_path / "whole" / "final" / "model.safetensors").read_bytes()
 
 
+def test_a_full_run_from_scratch_resumes_exactly(tmp_path):
+    """--full on random weights: the heads that take no loss start deciding nothing (IoU head:
+    the first multimask output; object score: present) and stay so; a run resumed from its
+    step-2 checkpoint ends with the same final/ as the run that never stopped."""
+    path = write_box_dataset(tmp_path / "data", n_images=3, video=True)
+    args = ("--full", "--steps", "4", "--save-every", "2", "--keep-checkpoints", "2")
+    whole = train(tmp_path / "whole", path, *args, env=ONE_THREAD)
+    assert whole.returncode == 0 and "parameters trained" in whole.stderr, whole.stderr[-2000:]
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "whole", cut)
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(cut / "checkpoints" / "step_00000004")
+    again = train(cut, path, *args, env=ONE_THREAD)
+    assert again.returncode == 0 and "resuming after step 2" in again.stderr, again.stderr[-2000:]
+    a, b = load_file(str(cut / "final" / "model.safetensors")), load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    head = "grounding.sam2.sam_mask_decoder."
+    depth = preset("debug-internvl").sam2.iou_head_depth
+    assert torch.equal(a[head + f"iou_prediction_head.layers.{depth - 1}.bias"], torch.tensor([0.0, 1.0, 0.0, 0.0]))
+    assert not a[head + f"iou_prediction_head.layers.{depth - 1}.weight"].any()
+    assert a[head + "pred_obj_score_head.layers.2.bias"].item() > 5
+
+
 def test_bad_samples_are_counted_or_fatal_with_strict(tmp_path):
     extra = [{"image": "gone.png", "conversations": [{"from": "human", "value": "<image>\nHi"}, {"from": "gpt", "value": "Ho."}]}]
     path = write_box_dataset(tmp_path / "data", n_images=3, video=False, extra=extra)
@@ -314,6 +361,13 @@ def test_a_run_folder_resumes_only_the_same_run(tmp_path):
     assert train(tmp_path / "run", path, "--steps", "1").returncode == 0
     other = train(tmp_path / "run", path, "--steps", "1", "--lora-r", "8")
     assert other.returncode == 2 and "holds a run with other settings (lora_r)" in other.stderr
+    fp32 = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    again = train(tmp_path / "run", path, "--steps", "1", "--export-dtype", "bf16")  # the finished run, exported again
+    assert again.returncode == 0 and "resuming after step 1" in again.stderr, again.stderr[-2000:]
+    bf16 = load_file(str(tmp_path / "run" / "final" / "model.safetensors"))
+    assert bf16.keys() == fp32.keys() and all(
+        (v.dtype == torch.bfloat16 and torch.equal(v, fp32[k].bfloat16())) if fp32[k].is_floating_point() else torch.equal(v, fp32[k])
+        for k, v in bf16.items())
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "notes.txt").write_text("mine")

@@ -60,7 +60,7 @@ BENCHMARKS = ("refcoco", "refcoco+", "refcocog", "davis17", "mevis_u", "revos", 
 class EvalOptions:
     benchmark: str = arg(help="what to evaluate", choices=BENCHMARKS)
     data: str = arg(help="the data root in the official layout (see the table in eval.py), or the TSV file for vqa")
-    model: str | None = arg(None, "the checkpoint folder (ours or official)")
+    model: str | None = arg(None, "the checkpoint folder (ours or official; default: the shipped model)")
     out: str | None = arg(None, "the run folder: predictions, results.json (rerun the same command to resume)")
     score: str | None = arg(None, "score this predictions.jsonl instead of running a model")
     split: str | None = arg(None, "the split (default: val; testA, testB, test for the RefCOCO family; test for gcg)")
@@ -377,6 +377,8 @@ class GCGBench:
         ids = sorted(q.id for q in queries)  # COCOeval's image order, which breaks the ties of the equal scores
         out = {"AP50": metrics.ap50([preds[i] for i in ids], [gt_masks[i] for i in ids]),
                "mIoU": float(np.mean([metrics.gcg_miou(preds[i], gt_masks[i]) for i in ids]))}
+        out["phrase_match"] = metrics.phrase_match([gt_masks[i] for i in ids], [gt_caps[i]["labels"] for i in ids],
+                                                   [preds[i] for i in ids], [phrases[i] for i in ids])
         if opts.bert:
             from model.bert import PhraseEncoder
             encoder = PhraseEncoder.from_folder(opts.bert)
@@ -645,8 +647,12 @@ def evaluate(opts: EvalOptions):
         result = bench.score(records, queries, opts)
         print(table(opts.benchmark, split, result))
         return result
-    if opts.model is None or opts.out is None:
-        raise ValueError("give --model and --out to evaluate a checkpoint, or --score PREDICTIONS to rescore")
+    if opts.out is None:
+        raise ValueError("give --out to evaluate a checkpoint (--model, default the shipped one), or --score "
+                         "PREDICTIONS to rescore")
+    if opts.model is None:
+        from sa2va import SHIPPED_MODEL
+        opts.model = SHIPPED_MODEL
     rank, world = _init_distributed()
     try:
         return _run(opts, bench, queries, split, rank, world)

@@ -308,6 +308,38 @@ def gcg_recall(gt_masks: Sequence[Sequence], gt_labels: Sequence[Sequence[str]],
     return matched / labels if labels > 0 else 0.0
 
 
+def _phrase_words(text: str) -> list[str]:
+    words = re.findall(r"[a-z0-9]+", text.lower())
+    return words[1:] if words[:1] in (["a"], ["an"], ["the"]) else words
+
+
+def phrase_match(gt_masks: Sequence[Sequence], gt_labels: Sequence[Sequence[str]], pred_masks: Sequence[Sequence],
+                 pred_labels: Sequence[Sequence[str]], iou_threshold: float = 0.7) -> float:
+    """Ours, not a published protocol: the fraction of ground-truth phrases matched, one to one, to a
+    predicted phrase with the same words (case, punctuation and a leading article aside) whose mask
+    has IoU >= iou_threshold with the phrase's mask; pairs are taken greedily by IoU. It needs
+    labels that name the objects exactly, as a generated world's do. One entry per image in every
+    sequence; labels pair with masks by index."""
+    n = len(gt_masks)
+    if not len(gt_labels) == len(pred_masks) == len(pred_labels) == n:
+        raise ValueError(f"per-image inputs differ in length: {n} GT mask lists, {len(gt_labels)} GT label "
+                         f"lists, {len(pred_masks)} predicted mask lists, {len(pred_labels)} phrase lists")
+    matched = labels = 0
+    for gm, gl, pm, pl in zip(gt_masks, gt_labels, pred_masks, pred_labels):
+        if len(gl) != len(gm):
+            raise ValueError(f"{len(gl)} ground-truth phrases for {len(gm)} masks in one image")
+        labels += len(gl)
+        ious = _iou_matrix(_masks(gm, "ground-truth mask"), _masks(pm[:len(pl)], "predicted mask"))
+        same = np.array([[_phrase_words(g) == _phrase_words(p) for p in pl[:len(pm)]] for g in gl], dtype=bool)
+        ious = np.where(same.reshape(ious.shape) & (np.nan_to_num(ious) >= iou_threshold), np.nan_to_num(ious), -1.0)
+        while ious.size > 0 and ious.max() >= 0:
+            g, p = np.unravel_index(np.argmax(ious), ious.shape)
+            matched += 1
+            ious[g, :] = -1.0
+            ious[:, p] = -1.0
+    return matched / labels if labels > 0 else 0.0
+
+
 MAX_DETECTIONS = 100  # COCOeval's maxDets[-1]
 RECALL_THRESHOLDS = np.linspace(0.0, 1.0, 101)  # COCOeval's recThrs, built the same way
 

@@ -134,6 +134,7 @@ def test_gcg_scores(root, tmp_path):
     got = rescore(tmp_path, folder, "gcg", preds)
     assert got["AP50"] == pytest.approx(1.0) and got["mIoU"] == 1.0 and got["recall"] is None and got["images"] == 2
     assert got["CIDEr"] > 1.0
+    assert got["phrase_match"] == pytest.approx(3 / 3)  # "A man", "a dog", "A bench": same words, IoU 1
     # the official clean-up: tags and [SEG] dropped, spaces collapsed (the one before '.' stays)
     assert evaluation.gcg_caption_and_phrases(preds[0]["text"]) == ("A man and a dog .", ["A man", "a dog"])
     half = [preds[0], {**preds[1], "masks": []}]
@@ -253,7 +254,7 @@ def test_bad_invocations_are_one_line_errors(root, tmp_path):
     folder, _ = root
     for args, why in ((["--benchmark", "refcoco", "--data", str(tmp_path / "nope"), "--score", "x"], "is not a folder"),
                       (["--benchmark", "refcoco", "--data", str(folder), "--split", "testC", "--score", "x"], "has splits"),
-                      (["--benchmark", "refcoco", "--data", str(folder)], "give --model and --out"),
+                      (["--benchmark", "refcoco", "--data", str(folder)], "give --out to evaluate"),
                       (["--benchmark", "vqa", "--data", str(folder), "--score", "x"], "must be a VLMEvalKit TSV")):
         got = run_eval(*args)
         assert got.returncode == 2 and why in got.stderr and got.stderr.count("\n") == 1, got.stderr

@@ -497,3 +497,19 @@ def test_cider_on_ptb_tokens_matches_the_coco_pipeline(java_tokens):
     assert gts == coco_gts
     assert metrics.cider(gts, res)[0] == pytest.approx(Cider().compute_score(coco_gts, coco_res)[0], abs=1e-12)
     assert not math.isclose(metrics.cider(gts, res)[0], 0.0)
+
+
+def test_phrase_match_by_hand():
+    a = np.zeros((8, 8), bool); a[:4] = True
+    b = np.zeros((8, 8), bool); b[4:] = True
+    half = a.copy(); half[:, 4:] = False  # IoU 0.5 with a
+    # same words (article and case aside) and IoU 1: matched; the wrong words never match
+    assert metrics.phrase_match([[a, b]], [["a red circle", "a blue square"]], [[a, b]],
+                                [["The red circle", "a green square"]]) == 0.5
+    # right words, IoU below 0.7: not matched; one prediction serves one phrase only
+    assert metrics.phrase_match([[a]], [["a red circle"]], [[half]], [["a red circle"]]) == 0.0
+    assert metrics.phrase_match([[a, a]], [["a red circle", "a red circle"]], [[a]], [["a red circle"]]) == 0.5
+    # masks beyond the phrases (and phrases beyond the masks) pair with nothing
+    assert metrics.phrase_match([[a, b]], [["x", "y"]], [[a, b]], [["x"]]) == 0.5
+    with pytest.raises(ValueError, match="differ in length"):
+        metrics.phrase_match([[a]], [["x"]], [], [])

@@ -46,6 +46,10 @@ from model.sa2va import ModelInputs, Sa2VAModel, VisionOutput
 from model.tokenizer import Tokenizer
 
 
+# The model this repository ships (README: "The shipped model"): what runs when no model is named.
+SHIPPED_MODEL = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "sa2va-shapes")
+
+
 @dataclass
 class Conversation:
     """What a turn needs besides its text: the media, encoded once, and the formatted text so far."""
@@ -120,10 +124,11 @@ class Sa2VA:
                                              if (i := tokenizer.token_id_or_none(w)) is not None}
 
     @classmethod
-    def from_pretrained(cls, path: str, device=None, dtype=None) -> "Sa2VA":
+    def from_pretrained(cls, path: str | None = None, device=None, dtype=None) -> "Sa2VA":
         """Load a folder written by convert.py, or an official Hugging Face Sa2VA folder (converted
-        while loading; `convert.py` keeps a converted copy). Defaults: CUDA, else MPS, else CPU;
-        bf16 on GPU, fp32 on CPU."""
+        while loading; `convert.py` keeps a converted copy); no path: the shipped model
+        (SHIPPED_MODEL). Defaults: CUDA, else MPS, else CPU; bf16 on GPU, fp32 on CPU."""
+        path = SHIPPED_MODEL if path is None else path
         device = resolve_device(device)
         dtype = parse_dtype(dtype) or (torch.float32 if device.type == "cpu" else torch.bfloat16)
         if not os.path.isdir(path):
@@ -403,7 +408,8 @@ def _write_overlay_video(path: str, video: data.Video, masks: list[np.ndarray]):
 
 @dataclass
 class ChatOptions:
-    model: str | None = arg(None, "folder written by convert.py, or an official Sa2VA folder")
+    model: str | None = arg(None, "folder written by convert.py, or an official Sa2VA folder (default: the shipped "
+                                  "model, weights/sa2va-shapes)")
     image: str | None = arg(None, "image file")
     video: str | None = arg(None, "video file or folder of frames")
     prompt: str | None = arg(None, "question; '<image>' is prepended when missing")
@@ -426,8 +432,8 @@ def chat(opts: ChatOptions):
             write_outputs(opts.out, vid, video=vid.history.video)
             print(f"wrote {opts.out}")
         return
-    if not opts.model or not opts.prompt:
-        raise ValueError("--model and --prompt are required (or --self-check to run on a tiny random model)")
+    if not opts.prompt:
+        raise ValueError("--prompt is required (or --self-check to run on a tiny random model)")
     if opts.image and opts.video:
         raise ValueError("give --image or --video, not both")
     image = data.load_image(opts.image, f"--image {opts.image}") if opts.image else None

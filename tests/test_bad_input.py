@@ -150,8 +150,7 @@ def read_only_dir(tmp):
 
 CHAT_CASES = [
     # (id, argv builder, message)
-    ("no model", lambda e, t: ["--prompt", "hi", "--image", e.image], r"--model and --prompt are required"),
-    ("no prompt", lambda e, t: ["--model", e.ours], r"--model and --prompt are required"),
+    ("no prompt", lambda e, t: ["--model", e.ours], r"--prompt is required"),
     ("image and video", lambda e, t: chat(e, t, "--video", e.image), r"give --image or --video, not both"),
     ("image missing", lambda e, t: chat(e, t, image=False) + ["--image", str(t / "no.png")], r"no.png does not exist"),
     ("image is a folder", lambda e, t: chat(e, t, image=False) + ["--image", str(t)], r"is a folder; give an image file"),

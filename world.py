@@ -3,6 +3,7 @@ official dataset layouts: the training and evaluation data of the shipped model.
 
     python world.py --out world/train --seed 0                 # training data (official layouts + custom.jsonl)
     python world.py --out world/eval --seed 1 --split eval     # held-out benchmarks for eval.py
+    python world.py --out examples --split examples            # the README's example image and video
 
 Images are 160-640 px a side, any aspect, on a flat, gradient or low-contrast noise background,
 with 1-5 circles, squares and triangles in six colours, each 8-40% of the shorter side, drawn
@@ -29,7 +30,10 @@ import pickle
 import sys
 from dataclasses import dataclass
 
+import av
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -225,6 +229,42 @@ def _jpeg(path: str, pixels: np.ndarray):
     Image.fromarray(pixels).save(path, quality=95)
 
 
+def example_scenes() -> tuple[Scene, Scene]:
+    """The README's example image and video (examples/shapes.jpg, examples/shapes.mp4): fixed
+    scenes, so their ground truth is known; neither is in the training data (seed 0)."""
+    bg = np.broadcast_to(np.array([178, 172, 160], np.uint8), (320, 480, 3))
+    image = Scene(480, 320, bg, [Shape("circle", "red", 110, 110, 110), Shape("square", "blue", 330, 90, 90),
+                                 Shape("triangle", "green", 240, 235, 120), Shape("circle", "yellow", 400, 240, 80)],
+                  antialias=True)
+    frames = 16
+    video = Scene(480, 320, bg.copy(), [Shape("circle", "red", 80, 90, 90, vx=280 / (frames - 1)),
+                                        Shape("triangle", "blue", 380, 230, 100),
+                                        Shape("square", "green", 150, 260, 80, vy=-150 / (frames - 1))],
+                  antialias=True, frames=frames)
+    return image, video
+
+
+def write_examples(folder: str):
+    """examples/shapes.jpg and examples/shapes.mp4 (H.264, 10 fps) from example_scenes()."""
+    image, video = example_scenes()
+    _jpeg(os.path.join(folder, "shapes.jpg"), render(image)[0])
+    with av.open(os.path.join(folder, "shapes.mp4"), "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width, s.height, s.pix_fmt = video.width, video.height, "yuv420p"
+        s.options = {"crf": "18"}
+        for t in range(video.frames):
+            for packet in s.encode(av.VideoFrame.from_ndarray(render(video, t)[0], format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+
+
+def _region_cells(mask: np.ndarray) -> int:
+    """The cells of a 16x16 grid a <vp> region covers, counted as data.TrainingData counts them."""
+    small = F.interpolate(torch.from_numpy(mask).float()[None, None], size=(16, 16), mode="nearest")
+    return int(small.sum())
+
+
 def _nonempty(masks: list[np.ndarray]) -> list[int]:
     return [i for i, m in enumerate(masks) if m.sum() >= 16]
 
@@ -233,7 +273,8 @@ def _nonempty(masks: list[np.ndarray]) -> list[int]:
 class WorldOptions:
     out: str = arg(help="the folder to write (new or empty)")
     seed: int = arg(0, "the world's seed (the shipped model: 0 for training, 1 for evaluation)")
-    split: str = arg("train", "train: training layouts; eval: eval.py's benchmark layouts", choices=("train", "eval"))
+    split: str = arg("train", "train: training layouts; eval: eval.py's benchmark layouts; examples: the README's "
+                              "example image and video", choices=("train", "eval", "examples"))
     images: int = arg(3000, "images (referring segmentation; each also gives GCG, VQA or <vp> samples)")
     videos: int = arg(300, "videos")
 
@@ -396,7 +437,10 @@ def _custom_samples(rng, scene, masks, keep, order, caption, image) -> list[dict
                 "conversations": _human_gpt("<image>\n" + question, caption)})
     q, options, right = _vqa_question(rng, scene, keep)
     out.append({"image": image, "conversations": _human_gpt("<image>\n" + _mcq(q, options), LETTERS[options.index(right)])})
-    regions = [int(i) for i in rng.choice(keep, min(len(keep), int(rng.integers(1, 3))), replace=False)]
+    big = [i for i in keep if _region_cells(masks[i]) >= data.MIN_REGION_CELLS]  # what the <vp> rule admits
+    if not big:
+        return out
+    regions = [int(i) for i in rng.choice(big, min(len(big), int(rng.integers(1, 3))), replace=False)]
     k = int(rng.integers(len(regions)))
     s = scene.shapes[regions[k]]
     out.append({"image": image, "regions": [data.rle_encode(masks[i]) for i in regions],
@@ -440,7 +484,7 @@ def main(argv=None):
     def body():
         check_output_folder(opts.out, "--out")
         with output_folder(opts.out) as tmp:
-            write_world(opts, tmp)
+            write_examples(tmp) if opts.split == "examples" else write_world(opts, tmp)
         print(f"world.py: wrote {opts.out} ({opts.split}, seed {opts.seed})", file=sys.stderr)
     run("world.py", body)
 

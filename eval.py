@@ -430,8 +430,12 @@ def read_tsv(path: str) -> list[dict]:
     """A VLMEvalKit TSV: a header row, then one row a question; images base64 (or the index of the row holding it)."""
     import csv
     csv.field_size_limit(1 << 31)
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f, delimiter="\t"))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f, delimiter="\t"))
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8 text; give a VLMEvalKit TSV (index, question, answer and image "
+                         "columns)") from None
     if not rows or not {"index", "question", "answer"} <= rows[0].keys():
         raise ValueError(f"{path} is not a VLMEvalKit TSV (it needs index, question, answer and image columns)")
     return rows
@@ -651,8 +655,8 @@ def evaluate(opts: EvalOptions):
         raise ValueError("give --out to evaluate a checkpoint (--model, default the shipped one), or --score "
                          "PREDICTIONS to rescore")
     if opts.model is None:
-        from sa2va import SHIPPED_MODEL
-        opts.model = SHIPPED_MODEL
+        from sa2va import shipped_model
+        opts.model = shipped_model()
     rank, world = _init_distributed()
     try:
         return _run(opts, bench, queries, split, rank, world)

@@ -107,6 +107,15 @@ def gcg_phrases(text: str, n_masks: int) -> list[str]:
     return phrases[:n_masks]
 
 
+def shipped_model() -> str:
+    """The folder of the model used when none is named (weights/sa2va-shapes, trained by train.py
+    on world.py's shapes); a clear error where this checkout has none."""
+    if not os.path.isdir(SHIPPED_MODEL):
+        raise ValueError(f"no model named, and this checkout has no shipped model ({SHIPPED_MODEL} is missing); "
+                         "give --model (a converted or official Sa2VA folder), or run sa2va.py --self-check")
+    return SHIPPED_MODEL
+
+
 class Sa2VA:
     """Inference API around a Sa2VAModel, its tokenizer and its processor (kept apart from the nn.Module)."""
 
@@ -128,7 +137,7 @@ class Sa2VA:
         """Load a folder written by convert.py, or an official Hugging Face Sa2VA folder (converted
         while loading; `convert.py` keeps a converted copy); no path: the shipped model
         (SHIPPED_MODEL). Defaults: CUDA, else MPS, else CPU; bf16 on GPU, fp32 on CPU."""
-        path = SHIPPED_MODEL if path is None else path
+        path = shipped_model() if path is None else path
         device = resolve_device(device)
         dtype = parse_dtype(dtype) or (torch.float32 if device.type == "cpu" else torch.bfloat16)
         if not os.path.isdir(path):

@@ -5,6 +5,7 @@ argument and what to do (the API raises a ValueError with that line); cases that
 a silently wrong result now give the right one. Everything about --out and DST is checked
 before any work, and an interrupted write leaves nothing behind.
 """
+import base64
 import json
 import os
 import re
@@ -476,3 +477,30 @@ def test_check_output_folder_happens_before_any_work(env, tmp_path, monkeypatch,
     with pytest.raises(ValueError, match="is inside"):
         cli.check_output_folder(str(tmp_path / "a" / "b"), "--out", not_inside=(str(tmp_path / "a"),))
     cli.check_output_folder(str(tmp_path / "new" / "deeper"), "--out")  # missing parents are fine
+
+
+def test_no_model_named_without_a_shipped_model_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    """sa2va.py, eval.py and from_pretrained() use the shipped model when none is named; a
+    checkout without it says so (and eval.py leaves no --out behind)."""
+    import eval as evaluation
+    import sa2va
+    monkeypatch.setattr(sa2va, "SHIPPED_MODEL", str(tmp_path / "weights" / "sa2va-shapes"))
+    image = tmp_path / "a.png"
+    Image.fromarray(frames(1)[0]).save(image)
+    tsv = tmp_path / "q.tsv"
+    tsv.write_text("index\tquestion\tanswer\tA\tB\timage\n1\tWhich?\tA\tyes\tno\t"
+                   + base64.b64encode(image.read_bytes()).decode() + "\n")
+    runs = [(sa2va.main, ["--image", str(image), "--prompt", "Please segment it.", "--out", str(tmp_path / "o1")]),
+            (evaluation.main, ["--benchmark", "vqa", "--data", str(tsv), "--out", str(tmp_path / "o2")])]
+    for main, argv in runs:
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1, err
+        assert "no model named, and this checkout has no shipped model" in err and "Traceback" not in err
+    assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
+    with pytest.raises(ValueError, match="no shipped model"):
+        sa2va.Sa2VA.from_pretrained()
+    with pytest.raises(SystemExit):  # and a file that is not a TSV is named as such
+        evaluation.main(["--benchmark", "vqa", "--data", str(image), "--out", str(tmp_path / "o3")])
+    assert "a.png is not UTF-8 text; give a VLMEvalKit TSV" in capsys.readouterr().err

@@ -52,7 +52,12 @@ def draw(rows: list[dict], title: str = "") -> Image.Image:
     d = ImageDraw.Draw(im)
     font = ImageFont.load_default()
     steps = [r["step"] for r in rows]
-    curves = {k: [max(float(r[k]), 1e-6) for r in rows] for k, _ in TERMS if all(k in r for r in rows)}
+    # a term of 0 means the step had none of it (no mask in the batch): left out, not drawn at log(0)
+    points = {k: [(r["step"], float(r[k])) for r in rows if k in r and float(r[k]) > 0] for k, _ in TERMS}
+    points = {k: v for k, v in points.items() if len(v) >= 2}
+    if "loss" not in points:
+        raise ValueError("the run's loss is never above 0; nothing to draw on a log scale")
+    curves = {k: [v for _, v in p] for k, p in points.items()}
     lo = math.floor(math.log10(min(min(v) for v in curves.values())))
     hi = math.ceil(math.log10(max(max(v) for v in curves.values())))
     hi = max(hi, lo + 1)
@@ -70,11 +75,12 @@ def draw(rows: list[dict], title: str = "") -> Image.Image:
                 y = xy(steps[0], v)[1]
                 d.line([(x0, y), (x1, y)], fill=(225, 225, 225) if m > 1 else (190, 190, 190))
                 d.text((x0 - 8, y), f"{v:g}", fill="black", font=font, anchor="rm")
-    for k in range(6):
-        step = steps[0] + (steps[-1] - steps[0]) * k / 5
+    span = max(steps[-1] - steps[0], 1)
+    tick = next(t * 10 ** e for e in range(12) for t in (1, 2, 5) if span / (t * 10 ** e) <= 8)
+    for step in range(-(-steps[0] // tick) * tick, steps[-1] + 1, tick):  # round steps, at most 8 of them
         x = xy(step, 10.0 ** lo)[0]
         d.line([(x, y1), (x, y1 + 4)], fill="black")
-        d.text((x, y1 + 8), f"{step:.0f}", fill="black", font=font, anchor="mt")
+        d.text((x, y1 + 8), f"{step}", fill="black", font=font, anchor="mt")
     d.rectangle([x0, y0, x1, y1], outline="black")
     d.text(((x0 + x1) / 2, H - 18), "optimizer step", fill="black", font=font, anchor="mm")
     if title:
@@ -82,9 +88,10 @@ def draw(rows: list[dict], title: str = "") -> Image.Image:
     window = max(1, len(rows) // 100)
     for n, (name, color) in enumerate((k, c) for k, c in TERMS if k in curves):
         faint = tuple(int(c + (255 - c) * 0.75) for c in color)
-        d.line([xy(s, v) for s, v in zip(steps, curves[name])], fill=faint, width=1)
+        at = [s for s, _ in points[name]]
+        d.line([xy(s, v) for s, v in zip(at, curves[name])], fill=faint, width=1)
         smooth = moving_average(curves[name], window)
-        d.line([xy(s, v) for s, v in zip(steps, smooth)], fill=color, width=2)
+        d.line([xy(s, v) for s, v in zip(at, smooth)], fill=color, width=2)
         y = y0 + 12 + 18 * n
         d.line([(x1 + 14, y), (x1 + 34, y)], fill=color, width=2)
         d.text((x1 + 40, y), f"{name} {smooth[-1]:.3f}", fill="black", font=font, anchor="lm")

@@ -409,6 +409,7 @@ import os, signal, sys
 sys.path.insert(0, {root!r})
 from PIL import Image
 import sa2va
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even when the tests run in the background
 saved, plain = [], Image.Image.save
 def save(self, *a, **k):
     plain(self, *a, **k)

@@ -824,6 +824,12 @@ FRAME_SAMPLING = {"distinct": sample_frames, "segments": segment_frames}
 MIN_REGION_CELLS = 4  # Sa2VA06VPDataset._get_region_infos drops samples with a region under 4 cells of a 16x16 grid
 
 
+def vp_grid_cells(regions: np.ndarray) -> list[int]:
+    """(n, H, W) bool <vp> regions -> the cells of the 16x16 grid each covers, as the official rule counts them."""
+    small = F.interpolate(torch.from_numpy(regions).float()[None], size=(16, 16), mode="nearest")[0]
+    return small.flatten(1).sum(1).int().tolist()
+
+
 class TrainingData:
     """Training samples from Records (a JSONL file, or official_data's readers), LLaVA-style:
 
@@ -877,8 +883,7 @@ class TrainingData:
             regions = record.get("regions")
             regions = np.stack([decode_mask(m, H, W) for m in regions]) if regions else None
             if regions is not None:
-                small = F.interpolate(torch.from_numpy(regions).float()[None], size=(16, 16), mode="nearest")[0]
-                cells = small.flatten(1).sum(1).int().tolist()
+                cells = vp_grid_cells(regions)
                 if min(cells) < MIN_REGION_CELLS:
                     raise ValueError(f"region {cells.index(min(cells)) + 1} covers {min(cells)} cell(s) of the 16x16 "
                                      f"grid, under {MIN_REGION_CELLS}")

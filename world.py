@@ -3,7 +3,7 @@ official dataset layouts: the training and evaluation data of the shipped model.
 
     python world.py --out world/train --seed 0                 # training data (official layouts + custom.jsonl)
     python world.py --out world/eval --seed 1 --split eval     # held-out benchmarks for eval.py
-    python world.py --out examples --split examples            # the README's example image and video
+    python world.py --out examples --split examples            # examples/: the example image and video
 
 Images are 160-640 px a side, any aspect, on a flat, gradient or low-contrast noise background,
 with 1-5 circles, squares and triangles in six colours, each 8-40% of the shorter side, drawn
@@ -32,8 +32,6 @@ from dataclasses import dataclass
 
 import av
 import numpy as np
-import torch
-import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -230,8 +228,8 @@ def _jpeg(path: str, pixels: np.ndarray):
 
 
 def example_scenes() -> tuple[Scene, Scene]:
-    """The README's example image and video (examples/shapes.jpg, examples/shapes.mp4): fixed
-    scenes, so their ground truth is known; neither is in the training data (seed 0)."""
+    """The example image and video (examples/shapes.jpg, examples/shapes.mp4): fixed scenes, so
+    their ground truth is known; neither is in the training data (seed 0)."""
     bg = np.broadcast_to(np.array([178, 172, 160], np.uint8), (320, 480, 3))
     image = Scene(480, 320, bg, [Shape("circle", "red", 110, 110, 110), Shape("square", "blue", 330, 90, 90),
                                  Shape("triangle", "green", 240, 235, 120), Shape("circle", "yellow", 400, 240, 80)],
@@ -259,12 +257,6 @@ def write_examples(folder: str):
             c.mux(packet)
 
 
-def _region_cells(mask: np.ndarray) -> int:
-    """The cells of a 16x16 grid a <vp> region covers, counted as data.TrainingData counts them."""
-    small = F.interpolate(torch.from_numpy(mask).float()[None, None], size=(16, 16), mode="nearest")
-    return int(small.sum())
-
-
 def _nonempty(masks: list[np.ndarray]) -> list[int]:
     return [i for i, m in enumerate(masks) if m.sum() >= 16]
 
@@ -272,8 +264,8 @@ def _nonempty(masks: list[np.ndarray]) -> list[int]:
 @dataclass
 class WorldOptions:
     out: str = arg(help="the folder to write (new or empty)")
-    seed: int = arg(0, "the world's seed (the shipped model: 0 for training, 1 for evaluation)")
-    split: str = arg("train", "train: training layouts; eval: eval.py's benchmark layouts; examples: the README's "
+    seed: int = arg(0, "the world's seed (the README: 0 for training, 1 for evaluation)")
+    split: str = arg("train", "train: training layouts; eval: eval.py's benchmark layouts; examples: the "
                               "example image and video", choices=("train", "eval", "examples"))
     images: int = arg(3000, "images (referring segmentation; each also gives GCG, VQA or <vp> samples)")
     videos: int = arg(300, "videos")
@@ -437,7 +429,8 @@ def _custom_samples(rng, scene, masks, keep, order, caption, image) -> list[dict
                 "conversations": _human_gpt("<image>\n" + question, caption)})
     q, options, right = _vqa_question(rng, scene, keep)
     out.append({"image": image, "conversations": _human_gpt("<image>\n" + _mcq(q, options), LETTERS[options.index(right)])})
-    big = [i for i in keep if _region_cells(masks[i]) >= data.MIN_REGION_CELLS]  # what the <vp> rule admits
+    cells = data.vp_grid_cells(np.stack([masks[i] for i in keep]))
+    big = [i for i, n in zip(keep, cells) if n >= data.MIN_REGION_CELLS]  # what the <vp> rule admits
     if not big:
         return out
     regions = [int(i) for i in rng.choice(big, min(len(big), int(rng.integers(1, 3))), replace=False)]

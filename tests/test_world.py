@@ -114,7 +114,7 @@ def test_training_reads_the_world_through_the_official_readers(worlds):
 
 
 def test_the_examples_are_the_example_scenes(tmp_path):
-    """examples/ is what `world.py --split examples` writes (the README's overlays come from it)."""
+    """examples/ is what `world.py --split examples` writes, so its ground truth is example_scenes()'s."""
     world.main(["--out", str(tmp_path / "ex"), "--split", "examples"])
     here = os.path.join(os.path.dirname(__file__), "..", "examples")
     for name in ("shapes.jpg", "shapes.mp4"):

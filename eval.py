@@ -71,10 +71,11 @@ class EvalOptions:
     bert: str | None = arg(None, "a local bert-base-uncased folder, for the GCG recall")
     limit: int | None = arg(None, "evaluate the first N queries only (a quick look; not a benchmark number)")
     device: str | None = arg(None, "cuda, mps or cpu (default: the best available; each torchrun rank its own GPU)")
-    dtype: str | None = arg(None, "bf16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    dtype: str | None = arg(None, "bf16 or fp32 (default: bf16 on GPU and on CPUs with AMX or AVX512-BF16, else fp32)")
+    compile: bool = arg(False, "torch.compile the vision tower, decoding and SAM-2 (pays off on GPU)")
 
 
-RESUMABLE = ("out", "batch_size", "device", "score")  # options a resumed run may change
+RESUMABLE = ("out", "batch_size", "device", "score", "compile")  # options a resumed run may change
 
 
 @dataclass
@@ -701,7 +702,7 @@ def _run(opts: EvalOptions, bench, queries: list[Query], split: str, rank: int, 
         device = opts.device
         if device is None and torch.cuda.is_available() and world > 1:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-        model = Sa2VA.from_pretrained(opts.model, device=device, dtype=opts.dtype)
+        model = Sa2VA.from_pretrained(opts.model, device=device, dtype=opts.dtype, compile=opts.compile)
         path = os.path.join(opts.out, f"predictions.rank{rank}.jsonl")
         _drop_cut_line(path)
         step = opts.batch_size if isinstance(bench, (RefCOCOBench, GCGBench, VQABench)) else 1

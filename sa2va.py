@@ -41,7 +41,7 @@ from cli import arg, check_output_folder, output_folder, parse, run
 from debug_checkpoint import self_check
 from model.checkpoint import load_model, parse_dtype
 from model.config import NUM_KEY_FRAMES
-from model.generate import GenerationConfig, generate
+from model.generate import GenerationConfig, decode_step, generate
 from model.sa2va import ModelInputs, Sa2VAModel, VisionOutput
 from model.tokenizer import Tokenizer
 
@@ -100,6 +100,20 @@ def resolve_device(device) -> torch.device:
     return device
 
 
+def cpu_bf16_units() -> str | None:
+    """The bf16 matrix instructions of this CPU ('amx_bf16' or 'avx512_bf16'), or None. With them a
+    bf16 matmul runs 3-4x faster than fp32 (oneDNN); without them bf16 is emulated and slower."""
+    caps = torch.cpu.get_capabilities() if hasattr(torch.cpu, "get_capabilities") else {}
+    return next((name for name in ("amx_bf16", "avx512_bf16") if caps.get(name)), None)
+
+
+def default_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPU and on CPUs with bf16 matrix units, else fp32."""
+    if device.type == "cpu":
+        return torch.bfloat16 if cpu_bf16_units() else torch.float32
+    return torch.bfloat16
+
+
 def gcg_phrases(text: str, n_masks: int) -> list[str]:
     """The phrase of each [SEG]: the text of a `<p>...</p>` right before it, else ''."""
     phrases = [m.group(1).strip() if m.group(1) is not None else ""
@@ -129,26 +143,45 @@ class Sa2VA:
         self.processor = data.make_processor(self.cfg, tokenizer)
         self._token = object()  # marks this model's conversations
         self.template = self.processor.template
+        self.decode_step = decode_step  # compile() swaps in a compiled one
         self.eos_ids = {tokenizer.eos_id} | {i for w in self.template.stop_words
                                              if (i := tokenizer.token_id_or_none(w)) is not None}
 
     @classmethod
-    def from_pretrained(cls, path: str | None = None, device=None, dtype=None) -> "Sa2VA":
+    def from_pretrained(cls, path: str | None = None, device=None, dtype=None, compile: bool = False) -> "Sa2VA":
         """Load a folder written by convert.py, or an official Hugging Face Sa2VA folder (converted
         while loading; `convert.py` keeps a converted copy); no path: the shipped model
-        (SHIPPED_MODEL). Defaults: CUDA, else MPS, else CPU; bf16 on GPU, fp32 on CPU."""
+        (SHIPPED_MODEL). Defaults: CUDA, else MPS, else CPU; dtype: default_dtype(device).
+        The LLM's q/k/v and gate/up are packed into one matmul each (same outputs).
+        compile: torch.compile the vision tower, the decoding step and SAM-2 (see compile())."""
         path = shipped_model() if path is None else path
         device = resolve_device(device)
-        dtype = parse_dtype(dtype) or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+        chosen = parse_dtype(dtype)
         if not os.path.isdir(path):
             raise ValueError(f"model {path} is not a folder; give a folder written by convert.py or an official "
                              "Sa2VA checkpoint folder")
+        dtype = chosen or default_dtype(device)
         if convert.is_official(path):
             print(f"sa2va: {path} is an official checkpoint; converting it while loading "
                   f"(`python convert.py {path} DST` keeps a converted copy)", file=sys.stderr)
-            return cls(*convert.load_official(path, device=device, dtype=dtype))
-        tokenizer = Tokenizer.load(path)  # small and quick: fail before the weights are read
-        return cls(load_model(path, device=device, dtype=dtype), tokenizer)
+            model, tokenizer = convert.load_official(path, device=device, dtype=dtype)
+        else:
+            tokenizer = Tokenizer.load(path)  # small and quick: fail before the weights are read
+            model = load_model(path, device=device, dtype=dtype)
+        model.llm.fuse_projections()
+        api = cls(model, tokenizer)
+        return api.compile() if compile else api
+
+    def compile(self) -> "Sa2VA":
+        """torch.compile the vision tower, the LLM decoding step (one static-shape graph; CUDA
+        graphs on GPU) and SAM-2's image encoder, memory attention and mask decoder. The first
+        request of each new shape pays the compilation. Returns self."""
+        mode = "reduce-overhead" if self.device.type == "cuda" else None
+        self.decode_step = torch.compile(decode_step, mode=mode, fullgraph=True)
+        self.model.vision.compile()
+        if self.cfg.sam2 is not None:
+            self.model.grounding.compile_parts()
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -221,7 +254,7 @@ class Sa2VA:
         embeds, deepstack, visual_mask = self.model.embed_inputs(inputs, vision)
         for g in generate(self.model.llm, embeds, inputs.positions, inputs.key_mask, generation, self.eos_ids,
                           decode=self.tok.decode, prenorm_hidden=self.cfg.seg_hidden_prenorm, deepstack=deepstack,
-                          visual_mask=visual_mask):
+                          visual_mask=visual_mask, step=self.decode_step):
             fed = g.tokens[:-1]  # generation never feeds back its last token
             rows = [i for i, t in enumerate(fed) if t == self.cfg.seg_token_id]
             out.append((g.tokens, self.model.text_hidden_fcs(g.hidden[rows])))
@@ -299,38 +332,100 @@ class Sa2VA:
         return pred
 
     @torch.inference_mode()
-    def predict_batch(self, images: list, texts: list[str], answers: list[str] | None = None,
-                      max_new_tokens: int = 2048) -> list[Prediction]:
-        """Several image requests in one padded LLM batch (greedy); SAM-2 features once per distinct image.
+    def predict_batch(self, images: list | None, texts: list[str], answers: list[str] | None = None,
+                      max_new_tokens: int = 2048, videos: list | None = None, key_frames: str = "first",
+                      num_key_frames: int = NUM_KEY_FRAMES) -> list[Prediction]:
+        """Several requests, each about an image or a video, in one padded LLM batch (greedy).
 
-        Requests that share an image (the same object, e.g. several referring expressions) share
-        its vision encoding too. Equal to calling predict() on each request.
+        images[i] or videos[i] is the media of request i (the other None, or the whole list None).
+        Requests that share an image or a video (the same object or path) share its encoding.
+        SAM-2: once per distinct image for all its objects; the objects of all videos in one
+        batched pass (one per set of key frames). Equal to calling predict() on each request.
         """
         generation = self._generation(max_new_tokens, 0.0, 1.0, None)
         if not texts:
             raise ValueError("predict_batch got no requests; give lists of one image and one text per request")
-        if len(images) != len(texts) or (answers is not None and len(answers) != len(texts)):
+        images = [None] * len(texts) if images is None else images
+        videos = [None] * len(texts) if videos is None else videos
+        if len(images) != len(texts) or len(videos) != len(texts) or (answers is not None and len(answers) != len(texts)):
             raise ValueError(f"predict_batch got {len(images)} images, {len(texts)} texts"
-                             f"{'' if answers is None else f', {len(answers)} answers'}; give one of each per request")
-        started: dict[int, Conversation] = {}
-        for image in images:
-            if image is None:
-                raise ValueError("predict_batch needs an image for every request; use predict() for text-only turns")
-            if id(image) not in started:
-                started[id(image)] = self.encode_media(image=image)
-        convs = [started[id(image)] for image in images]
+                             f"{'' if answers is None else f', {len(answers)} answers'}"
+                             f"{'' if not any(v is not None for v in videos) else f', {len(videos)} videos'}; "
+                             "give one of each per request")
+        started: dict[object, Conversation] = {}
+        keys = []
+        for image, video in zip(images, videos):
+            if (image is None) == (video is None):
+                raise ValueError("predict_batch needs an image or a video (not both) for every request; "
+                                 "use predict() for text-only turns")
+            media = image if image is not None else video
+            key = media if isinstance(media, str) else id(media)
+            if key not in started:
+                started[key] = self.encode_media(image=image, video=video, key_frames=key_frames,
+                                                 num_key_frames=num_key_frames)
+            keys.append(key)
+        convs = [started[k] for k in keys]
         inputs, samples = self.build_inputs(convs, texts, answers)
         outs = self.run_llm(inputs, samples, convs, None if answers is not None else generation)
-        preds, by_image = [], {}
+        preds, by_media = [], {}
         for conv, sample, (tokens, prompts) in zip(convs, samples, outs):
             pred = self._finish(conv, sample, tokens, prompts, teacher_forced=answers is not None)
             preds.append(pred)
-            by_image.setdefault(id(conv), (conv, []))[1].append((pred, prompts))
-        for conv, items in by_image.values():  # one SAM-2 pass per image for all its objects
-            masks = self.segment(conv, torch.cat([p for _, p in items]))
+            by_media.setdefault(id(conv), (conv, []))[1].append((pred, prompts))
+        groups = [(conv, items, torch.cat([p for _, p in items])) for conv, items in by_media.values()]
+        still = [(conv, prompts) for conv, _, prompts in groups if conv.video is not None and len(prompts)]
+        video_masks = iter(self.segment_videos(still))
+        for conv, items, prompts in groups:  # one SAM-2 pass per image for all its objects
+            if not len(prompts):
+                masks = []
+            elif conv.video is not None:
+                masks = next(video_masks)
+            else:
+                masks = self.segment(conv, prompts)
             for pred, p in items:
                 pred.masks, masks = masks[:len(p)], masks[len(p):]
         return preds
+
+    @torch.inference_mode()
+    def segment_videos(self, items: list[tuple[Conversation, torch.Tensor]]) -> list[list[np.ndarray]]:
+        """segment() for several videos, their objects tracked together in one batched SAM-2 pass
+        (per set of key frames): frame t of every video is encoded in one call, and a shorter
+        video is padded with its last frame, whose extra masks are dropped."""
+        out: list[list[np.ndarray] | None] = [None] * len(items)
+        passes: dict[tuple[int, ...], list[int]] = {}
+        for i, (conv, _) in enumerate(items):
+            passes.setdefault(tuple(conv.key_frames), []).append(i)
+        bridge, size = self.model.grounding, self.cfg.sam2.image_size
+        for cond_frames, members in passes.items():
+            if len(members) == 1 or not self.cfg.video_memory:
+                for i in members:
+                    out[i] = self.segment(*items[i])
+                continue
+            convs = [items[i][0] for i in members]
+            prepared = [dict(zip(c.key_frames, c.media.sam2_frames)) for c in convs]
+            T = max(len(c.video) for c in convs)
+
+            def frame(t: int) -> torch.Tensor:  # (V, 3, S, S): frame t of every video
+                xs = []
+                for c, ready in zip(convs, prepared):
+                    tv = min(t, len(c.video) - 1)
+                    xs.append(ready[tv] if tv in ready else data.sam2_frames([c.video.frame(tv)], size)[0])
+                return bridge.normalize(torch.stack(xs).to(self.device))
+            prompts = [items[i][1].to(self.dtype) for i in members]
+            owners = torch.cat([torch.full((len(p),), v) for v, p in enumerate(prompts)]).to(self.device)
+            memory = bridge.condition(frame, torch.cat(prompts), cond_frames=list(cond_frames), num_frames=T,
+                                      owners=owners)
+            masks = [np.zeros((len(p), len(c.video), c.media.size[1], c.media.size[0]), dtype=bool)
+                     for p, c in zip(prompts, convs)]
+            rows = np.cumsum([0] + [len(p) for p in prompts])
+            for t, logits in bridge.propagate(frame, memory):
+                for v, c in enumerate(convs):
+                    if t < len(c.video):
+                        W, H = c.media.size
+                        masks[v][:, t] = bridge.postprocess(logits[rows[v]:rows[v + 1]], (H, W)).cpu().numpy()
+            for i, m in zip(members, masks):
+                out[i] = list(m)
+        return out
 
     # ------------------------------------------------------------------ helpers
 
@@ -425,7 +520,9 @@ class ChatOptions:
     answer: str | None = arg(None, "skip generation and segment this answer (teacher-forced)")
     out: str | None = arg(None, "folder for masks, overlay and result.json")
     device: str | None = arg(None, "cuda, mps or cpu (default: best available)")
-    dtype: str | None = arg(None, "bf16, fp16 or fp32 (default: bf16 on GPU, fp32 on CPU)")
+    dtype: str | None = arg(None, "bf16, fp16 or fp32 (default: bf16 on GPU and on CPUs with AMX or AVX512-BF16, "
+                                  "else fp32)")
+    compile: bool = arg(False, "torch.compile the vision tower, decoding and SAM-2 (pays off on GPU; see README)")
     max_new_tokens: int = arg(2048, "longest answer in tokens")
     key_frames: str = arg("first", "video frames the MLLM sees", choices=("first", "uniform"))
     self_check: bool = arg(False, "run end to end on a tiny random checkpoint built on the fly")
@@ -448,7 +545,7 @@ def chat(opts: ChatOptions):
     image = data.load_image(opts.image, f"--image {opts.image}") if opts.image else None
     video = data.Video(opts.video) if opts.video else None
     GenerationConfig(max_new_tokens=opts.max_new_tokens)  # a bad value fails now, not after loading
-    model = Sa2VA.from_pretrained(opts.model, device=opts.device, dtype=opts.dtype)
+    model = Sa2VA.from_pretrained(opts.model, device=opts.device, dtype=opts.dtype, compile=opts.compile)
     prompt = opts.prompt
     if (image or video) and "<image>" not in prompt:
         prompt = "<image>\n" + prompt

@@ -1,9 +1,15 @@
-"""Autoregressive decoding with a KV cache: prefill once, then one token per step.
+"""Autoregressive decoding with a static KV cache: prefill once, then one token per step.
 
 Matches what the official `predict_forward` asks of `generate`: greedy by default, stop on EOS
 or when the decoded text ends with a stop word (after deleting '\\r' and '\\n', as the official
 StopWordStoppingCriteria does), and keep the last-layer hidden state of every fed token so the
 `[SEG]` bridge can read it. Adds what the official path lacks: sampling and batches.
+
+The loop is gpt-fast's: `prefill` fills a cache of fixed length (rounded up to CACHE_MULTIPLE) and
+`decode_step` is one function with the same shapes at every step, so
+`torch.compile(decode_step, mode="reduce-overhead", fullgraph=True)` turns it into one graph (CUDA
+graphs on GPU) that `generate(step=...)` takes. Sampling, the stop checks and the RoPE angles
+(InternLM2's dynamic base depends on the length so far) stay outside it.
 """
 import math
 from collections.abc import Callable
@@ -11,9 +17,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from model.llm import LLM
+from model.llm import LLM, rope_cos_sin
 
 STOP_WINDOW = 16  # tokens decoded to look for a stop word at the end of the answer
+CACHE_MULTIPLE = 256  # cache lengths are rounded up to this, so a compiled step sees few shapes
 
 
 @dataclass
@@ -57,16 +64,28 @@ def _sample(logits: torch.Tensor, cfg: GenerationConfig, gen: torch.Generator | 
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+def decode_step(llm: LLM, token: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+                mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """token (B,) -> next-token logits (B, V) and the (post-norm, pre-norm) hidden states (B, D).
+
+    The one function a compiler sees: fixed shapes (LLM.decode), no host sync, no Python branch
+    on data.
+    """
+    h_post, h_pre = llm.decode(llm.embed_tokens(token)[:, None], cos, sin, input_pos, mask)
+    return llm.logits(h_post[:, 0]), h_post[:, 0], h_pre[:, 0]
+
+
 @torch.inference_mode()
 def generate(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None,
              cfg: GenerationConfig, eos_ids: set[int], decode: Callable[[list[int]], str] | None = None,
              prenorm_hidden: bool = False, deepstack: list[torch.Tensor] | None = None,
-             visual_mask: torch.Tensor | None = None) -> list[Generated]:
+             visual_mask: torch.Tensor | None = None, step: Callable = decode_step) -> list[Generated]:
     """Generate for a left-padded batch.
 
     embeds (B, L, D) prompt embeddings; positions (B, L) or (3, B, L); key_mask (B, L) bool with
     False on left padding, or None for an unpadded batch. decode(ids) -> str is needed for stop words.
     prenorm_hidden selects the last decoder layer's output instead of the final-norm output.
+    step: decode_step, or a compiled version of it.
     """
     B, L, _ = embeds.shape
     if cfg.stop_words and decode is None:
@@ -74,17 +93,19 @@ def generate(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, key_mask: 
     gen = None
     if cfg.temperature > 0 and cfg.seed is not None:
         gen = torch.Generator(device=embeds.device).manual_seed(cfg.seed)
-    llm.setup_cache(B, L + cfg.max_new_tokens)
+    max_len = -(-(L + cfg.max_new_tokens) // CACHE_MULTIPLE) * CACHE_MULTIPLE
+    llm.setup_cache(B, max_len)
     try:
-        h_post, h_pre = llm(embeds, positions, key_mask, start=0, use_cache=True,
-                            deepstack=deepstack, visual_mask=visual_mask)
+        h_post, _ = llm(embeds, positions, key_mask, fill_cache=True, deepstack=deepstack, visual_mask=visual_mask)
         next_pos = positions.amax(dim=(0, -1) if positions.dim() == 3 else -1) + 1  # (B,)
+        # The cache positions each row may read: its prompt (not the padding), then every new token.
+        readable = torch.zeros(B, 1, 1, max_len, dtype=torch.bool, device=embeds.device)
+        readable[:, 0, 0, :L] = True if key_mask is None else key_mask
         tokens = [[] for _ in range(B)]
         hidden = [[] for _ in range(B)]
         done = [False] * B
         logits = llm.logits(h_post[:, -1])
-        mask = key_mask
-        for step in range(cfg.max_new_tokens):
+        for i in range(cfg.max_new_tokens):
             nxt = _sample(logits, cfg, gen)
             for b, t in enumerate(nxt.tolist()):  # one device sync per step
                 if done[b]:
@@ -93,20 +114,20 @@ def generate(llm: LLM, embeds: torch.Tensor, positions: torch.Tensor, key_mask: 
                 # Decoding only the tail keeps the check O(1) per step; stop words span a few tokens.
                 if t in eos_ids or (cfg.stop_words and _ends_with_stop(decode(tokens[b][-STOP_WINDOW:]), cfg.stop_words)):
                     done[b] = True
-            if all(done) or step == cfg.max_new_tokens - 1:
+            if all(done) or i == cfg.max_new_tokens - 1:
                 break
-            x = llm.embed_tokens(nxt)[:, None]  # (B, 1, D)
-            pos = next_pos[:, None] + step  # (B, 1)
+            pos = next_pos[:, None] + i  # (B, 1)
             if positions.dim() == 3:
                 pos = pos[None].expand(3, -1, -1)
-            if mask is not None:
-                mask = torch.cat([mask, torch.ones(B, 1, dtype=torch.bool, device=mask.device)], dim=1)
-            h_post, h_pre = llm(x, pos, mask, start=L + step, use_cache=True)
-            h = h_pre if prenorm_hidden else h_post
+            cos, sin = rope_cos_sin(llm.cfg, pos, L + i + 1, embeds.dtype)
+            readable[:, 0, 0, L + i] = True
+            input_pos = torch.tensor([L + i], device=embeds.device)
+            logits, h_post, h_pre = step(llm, nxt, cos, sin, input_pos, readable)
+            # A CUDA-graph step hands out the same output buffers at every replay: keep copies.
+            logits, h = logits.clone(), (h_pre if prenorm_hidden else h_post).clone()
             for b in range(B):
                 if not done[b]:
-                    hidden[b].append(h[b, 0])
-            logits = llm.logits(h_post[:, -1])
+                    hidden[b].append(h[b])
     finally:
         llm.caches = None  # free the cache memory
     D = embeds.shape[-1]

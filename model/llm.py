@@ -9,8 +9,11 @@ Reproduces, in one module:
     `get_rope_index`), Qwen2.5-VL's chunked sections or Qwen3-VL's interleaved layout, and
     Qwen3-VL's deepstack feature injection.
 
-RMSNorm, rotate-half RoPE, GQA through SDPA, SwiGLU. A preallocated KV cache; batches are left
-padded and carry a key-padding mask. Single-device code: sharding and compile come from outside.
+RMSNorm, rotate-half RoPE, GQA through SDPA, SwiGLU. A static KV cache, as gpt-fast's: the
+prefill writes it and `decode` reads it whole under a mask, so a decoding step has the same
+shapes at every position and compiles to one graph. Batches are left padded and carry a
+key-padding mask. q/k/v and gate/up can be packed into one matmul each for inference.
+Single-device code: sharding and compile come from outside.
 """
 import torch
 import torch.nn.functional as F
@@ -131,7 +134,8 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache(nn.Module):
-    """Preallocated keys/values for one layer: (B, n_kv, max_len, hd)."""
+    """Static keys/values for one layer, (B, n_kv, max_len, hd): written in place at given
+    positions and read whole, so a decode step has the same shapes at every position."""
 
     def __init__(self, batch: int, n_kv: int, max_len: int, head_dim: int, dtype, device):
         super().__init__()
@@ -139,13 +143,11 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, start: int, k, v):
-        end = start + k.shape[2]
-        if end > self.k.shape[2]:
-            raise ValueError(f"KV cache holds {self.k.shape[2]} positions, {end} needed; raise max_len")
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
+    def write(self, input_pos: torch.Tensor, k, v) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store k, v (B, n_kv, L, hd) at cache positions input_pos (L,); return the whole cache."""
+        self.k.index_copy_(2, input_pos, k)
+        self.v.index_copy_(2, input_pos, v)
+        return self.k, self.v
 
 
 class Attention(nn.Module):
@@ -161,21 +163,46 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(hd, cfg.norm_eps)
             self.k_norm = RMSNorm(hd, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, mask, cache: KVCache | None, start: int):
+    def fuse(self):
+        """Inference: q, k and v as one matmul (`qkv_proj`), the same numbers as three."""
+        self.qkv_proj = _fused([self.q_proj, self.k_proj, self.v_proj])
+        del self.q_proj, self.k_proj, self.v_proj
+
+    def forward(self, x, cos, sin, mask, cache: KVCache | None = None, input_pos: torch.Tensor | None = None,
+                read_cache: bool = False):
+        """x (B, L, D). With a cache, k/v are written at input_pos (L,); read_cache=True (decoding)
+        attends over the whole cache, under mask, instead of over this call's keys."""
         B, L, _ = x.shape
-        hd = self.cfg.head_dim
-        q = self.q_proj(x).view(B, L, -1, hd)  # (B, L, nh, hd)
-        k = self.k_proj(x).view(B, L, -1, hd)
-        v = self.v_proj(x).view(B, L, -1, hd)
+        hd, nh, nkv = self.cfg.head_dim, self.cfg.n_heads, self.cfg.n_kv_heads
+        if hasattr(self, "qkv_proj"):
+            q, k, v = self.qkv_proj(x).split([nh * hd, nkv * hd, nkv * hd], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = q.view(B, L, nh, hd), k.view(B, L, nkv, hd), v.view(B, L, nkv, hd)
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, nh, L, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(start, k, v)
+            cached = cache.write(input_pos, k, v)
+            if read_cache:
+                k, v = cached
         causal = mask is None and L > 1
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(B, L, -1))
+
+
+def _fused(linears: list[nn.Linear]) -> nn.Linear:
+    """One Linear whose output is the concatenation of the given ones' (no LoRA adapters)."""
+    if any(type(m) is not nn.Linear for m in linears):
+        raise ValueError("fusing projections needs plain Linear layers; merge LoRA adapters first")
+    w = torch.cat([m.weight for m in linears])
+    out = nn.Linear(w.shape[1], w.shape[0], bias=linears[0].bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        out.weight.copy_(w)
+        if out.bias is not None:
+            out.bias.copy_(torch.cat([m.bias for m in linears]))
+    return out
 
 
 class MLP(nn.Module):
@@ -185,8 +212,17 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
 
+    def fuse(self):
+        """Inference: gate and up as one matmul (`gate_up_proj`), the same numbers as two."""
+        self.gate_up_proj = _fused([self.gate_proj, self.up_proj])
+        del self.gate_proj, self.up_proj
+
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if hasattr(self, "gate_up_proj"):
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -197,8 +233,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x, cos, sin, mask, cache, start):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
+    def forward(self, x, cos, sin, mask, cache=None, input_pos=None, read_cache=False):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, input_pos, read_cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -222,34 +258,51 @@ class LLM(nn.Module):
             KVCache(batch, self.cfg.n_kv_heads, max_len, self.cfg.head_dim, p.dtype, p.device)
             for _ in range(self.cfg.n_layers))
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None = None, start: int = 0,
-                use_cache: bool = False, deepstack: list[torch.Tensor] | None = None,
-                visual_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the decoder on embeddings x (B, L, D).
+    def fuse_projections(self):
+        """Inference only: pack q/k/v and gate/up of every layer into one matmul each (outputs
+        unchanged; the state_dict then names `qkv_proj` and `gate_up_proj`, so save before this)."""
+        for layer in self.layers:
+            layer.attn.fuse()
+            layer.mlp.fuse()
 
-        positions: (B, L) or (3, B, L) RoPE positions. key_mask: (B, S) bool, False on padding,
-        S = start + L (needed only when the batch is padded). start: cache offset of x[:, 0].
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, key_mask: torch.Tensor | None = None,
+                fill_cache: bool = False, deepstack: list[torch.Tensor] | None = None,
+                visual_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the decoder on embeddings x (B, L, D): training, teacher forcing, or the prefill.
+
+        positions: (B, L) or (3, B, L) RoPE positions. key_mask: (B, L) bool, False on padding
+        (needed only when the batch is padded). fill_cache: also store every layer's keys and
+        values at cache positions 0..L-1 (setup_cache first), for decode() to continue from.
         deepstack: list of (N_vis, D) features added at visual_mask (B, L) after layers 0..k-1.
         Returns (hidden after the final norm, hidden before it), both (B, L, D).
         """
         B, L, _ = x.shape
-        S = start + L
-        cos, sin = rope_cos_sin(self.cfg, positions, S, x.dtype)
+        cos, sin = rope_cos_sin(self.cfg, positions, L, x.dtype)
         mask = None
         if key_mask is not None:
-            if key_mask.shape != (B, S):
-                raise ValueError(f"key_mask has shape {tuple(key_mask.shape)}, expected {(B, S)}")
-            q_idx = torch.arange(start, S, device=x.device)[:, None]
-            k_idx = torch.arange(S, device=x.device)[None, :]
+            if key_mask.shape != (B, L):
+                raise ValueError(f"key_mask has shape {tuple(key_mask.shape)}, expected {(B, L)}")
+            idx = torch.arange(L, device=x.device)
             # A padded query still sees itself, so no softmax row is empty (that would give NaN).
-            mask = (k_idx <= q_idx) & (key_mask[:, None, :] | (k_idx == q_idx))  # (B, L, S)
-            mask = mask[:, None]  # (B, 1, L, S)
-        elif start > 0 and L > 1:
-            mask = (torch.arange(S, device=x.device)[None, :] <= torch.arange(start, S, device=x.device)[:, None])
-        if use_cache and self.caches is None:
-            raise RuntimeError("use_cache=True needs setup_cache(batch, max_len) first")
+            mask = (idx[None, :] <= idx[:, None]) & (key_mask[:, None, :] | torch.eye(L, dtype=torch.bool, device=x.device))
+            mask = mask[:, None]  # (B, 1, L, L)
+        if fill_cache and self.caches is None:
+            raise RuntimeError("fill_cache=True needs setup_cache(batch, max_len) first")
+        input_pos = torch.arange(L, device=x.device) if fill_cache else None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, mask, self.caches[i] if use_cache else None, start)
+            x = layer(x, cos, sin, mask, self.caches[i] if fill_cache else None, input_pos)
             if deepstack is not None and i < len(deepstack):  # Qwen3-VL: add ViT features after layer i
                 x = x.index_put((visual_mask,), deepstack[i].to(x.dtype), accumulate=True)
+        return self.norm(x), x
+
+    def decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, input_pos: torch.Tensor,
+               mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoding step over the static cache; every shape is the same at every step.
+
+        x (B, 1, D) the new token's embedding; cos/sin (B, 1, head_dim) its rotation (rope_cos_sin);
+        input_pos (1,) long, its cache position; mask (B, 1, 1, max_len) bool, True at the cache
+        positions it may read (itself included). Returns (post-norm, pre-norm) hidden, (B, 1, D).
+        """
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, mask, self.caches[i], input_pos, read_cache=True)
         return self.norm(x), x

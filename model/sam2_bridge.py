@@ -40,7 +40,8 @@ from sam2.modeling.sam2_base import SAM2Base
 
 # SAM2VideoPredictor stores spatial memories in bf16 whatever the model dtype.
 MEMORY_DTYPE = torch.bfloat16
-# A video for track(): (T, 3, S, S), a sequence of (3, S, S) frames, or t -> (3, S, S)
+# A video for track(): (T, 3, S, S), a sequence of (3, S, S) frames, or t -> (3, S, S); with
+# several videos in one pass, t -> (V, 3, S, S), frame t of every video (see condition's owners)
 Frames = Tensor | Sequence[Tensor] | Callable[[int], Tensor]
 
 
@@ -174,6 +175,7 @@ class VideoMemory:
     cond: dict[int, FrameMemory] = field(default_factory=dict)
     recent: dict[int, FrameMemory] = field(default_factory=dict)
     maskmem_pos: Tensor | None = None  # (1, mem_dim, g, g), the same for every frame
+    owners: Tensor | None = None  # (N,) the video of each object when several share the pass
 
     def add_recent(self, t: int, entry: FrameMemory) -> None:
         """Store frame t's output and drop what frame t+1 and later can no longer read."""
@@ -267,8 +269,14 @@ class SAM2Bridge(nn.Module):
 
     @torch.no_grad()
     def condition(self, frames: Frames, prompts: Tensor, cond_frames: Sequence[int] | None = None,
-                  num_frames: int | None = None) -> VideoMemory:
-        """Decode every conditioning frame with the prompts and encode its memory."""
+                  num_frames: int | None = None, owners: Tensor | None = None) -> VideoMemory:
+        """Decode every conditioning frame with the prompts and encode its memory.
+
+        owners: several videos in one pass. frames(t) then gives (V, 3, S, S), frame t of each
+        video, and owners (N,) long names the video of each prompt. Every video is tracked as if
+        alone; they share the conditioning frames, and a shorter video is padded by the caller
+        (e.g. with its last frame), whose extra outputs it drops.
+        """
         if self.training:
             raise ValueError("video tracking is inference-only; call .eval() first")
         self._check_prompts(prompts)
@@ -282,9 +290,9 @@ class SAM2Bridge(nn.Module):
                              f"in [0, {num_frames})")
         memory = VideoMemory(num_frames=num_frames, num_objects=prompts.shape[0],
                              mem_window=self.cfg.num_maskmem - 1,
-                             ptr_window=min(num_frames, self.cfg.max_obj_ptrs_in_encoder) - 1)
+                             ptr_window=min(num_frames, self.cfg.max_obj_ptrs_in_encoder) - 1, owners=owners)
         for t in cond_frames:
-            feats = self.image_features(get_frame(t)[None]).expand(memory.num_objects)
+            feats = self._object_features(self._frame_features(get_frame(t)), memory)
             out = self.decode_with_prompt(feats, prompts)
             maskmem, memory.maskmem_pos = self._encode_memory(feats, out.logits)
             memory.cond[t] = FrameMemory(maskmem, out.obj_ptr, out.logits)
@@ -300,11 +308,22 @@ class SAM2Bridge(nn.Module):
             if t in memory.cond:
                 yield t, memory.cond[t].logits
                 continue
-            feats = self.image_features(get_frame(t)[None]).expand(memory.num_objects)
-            out = self._decode(self._condition_on_memory(feats, t, memory), feats, None)
+            frame_feats = self._frame_features(get_frame(t))
+            feats = self._object_features(frame_feats, memory)
+            out = self._decode(self._condition_on_memory(frame_feats, feats, t, memory), feats, None)
             maskmem, _ = self._encode_memory(feats, out.logits)
             memory.add_recent(t, FrameMemory(maskmem, out.obj_ptr, None))
             yield t, out.logits
+
+    def _frame_features(self, frame: Tensor) -> Features:
+        return self.image_features(frame[None] if frame.ndim == 3 else frame)
+
+    @staticmethod
+    def _object_features(frame_feats: Features, memory: VideoMemory) -> Features:
+        """The frame features of every object: its video's row, or the one frame for all."""
+        if memory.owners is None:
+            return frame_feats.expand(memory.num_objects)
+        return frame_feats.select(memory.owners)
 
     def _check_prompts(self, prompts: Tensor) -> None:
         d = self.cfg.d_model
@@ -327,8 +346,8 @@ class SAM2Bridge(nn.Module):
 
         def get_frame(t: int) -> Tensor:
             x = fetch(t)
-            if not isinstance(x, Tensor) or x.shape != (3, s, s):
-                raise ValueError(f"frame {t} is not a (3, {s}, {s}) tensor; "
+            if not isinstance(x, Tensor) or x.shape[-3:] != (3, s, s) or x.ndim not in (3, 4):
+                raise ValueError(f"frame {t} is not a (3, {s}, {s}) tensor (or (V, 3, {s}, {s}) for V videos); "
                                  "produce frames with normalize()")
             return x
         return get_frame, num_frames
@@ -376,7 +395,7 @@ class SAM2Bridge(nn.Module):
         out = self.sam2.memory_encoder(feats.embed, mask.to(dtype), skip_mask_sigmoid=True)
         return out["vision_features"].to(MEMORY_DTYPE), out["vision_pos_enc"][0][:1]
 
-    def _condition_on_memory(self, feats: Features, t: int, memory: VideoMemory) -> Tensor:
+    def _condition_on_memory(self, frame_feats: Features, feats: Features, t: int, memory: VideoMemory) -> Tensor:
         # Reference: SAM2Base._prepare_memory_conditioned_features, eval mode, Sa2VA flags.
         n, d, g, dtype = len(feats), self.cfg.d_model, self.cfg.grid, feats.embed.dtype
         num_maskmem, mem_dim = self.cfg.num_maskmem, self.cfg.mem_dim
@@ -406,8 +425,34 @@ class SAM2Bridge(nn.Module):
             num_ptr_tokens = ptr.shape[0]
             tokens.append(ptr)
             pos.append(ptr.new_zeros(ptr.shape))  # add_tpos_enc_to_obj_ptrs=False
-        out = self.sam2.memory_attention(
-            curr=[feats.embed.flatten(2).permute(2, 0, 1)],  # (g*g, N, d)
-            curr_pos=[feats.pos.flatten(2).permute(2, 0, 1)],
-            memory=torch.cat(tokens), memory_pos=torch.cat(pos), num_obj_ptr_tokens=num_ptr_tokens)
-        return out.permute(1, 2, 0).reshape(n, d, g, g)  # (g*g, N, d) -> (N, d, g, g)
+        out = self.attend_memory(frame_feats.embed.flatten(2).transpose(1, 2), frame_feats.pos.flatten(2).transpose(1, 2),
+                                 torch.cat(tokens).transpose(0, 1), torch.cat(pos).transpose(0, 1), num_ptr_tokens,
+                                 memory.owners)
+        return out.transpose(1, 2).reshape(n, d, g, g)  # (N, g*g, d) -> (N, d, g, g)
+
+    def attend_memory(self, curr: Tensor, curr_pos: Tensor, memory: Tensor, memory_pos: Tensor,
+                      num_obj_ptr_tokens: int, owners: Tensor | None = None) -> Tensor:
+        """SAM-2's memory attention for N objects: curr, curr_pos (V, g*g, d) the features of the
+        frame (V = 1: shared by every object) or of V videos' frames, owners (N,) the row of each
+        object; memory, memory_pos (N, M, mem_dim). -> (N, g*g, d).
+
+        Reference: MemoryAttention.forward and MemoryAttentionLayer.forward (eval, batch first),
+        with one change of order: the first layer's self-attention, whose input is the same for
+        every object of a frame, runs once per frame and is then given to each of its objects.
+        """
+        ma = self.sam2.memory_attention
+        x = curr + 0.1 * curr_pos if ma.pos_enc_at_input else curr
+        for i, layer in enumerate(ma.layers):
+            x = layer._forward_sa(x, curr_pos)
+            if i == 0:
+                x = x.expand(memory.shape[0], -1, -1) if owners is None else x[owners]
+                curr_pos = curr_pos.expand(memory.shape[0], -1, -1) if owners is None else curr_pos[owners]
+            x = layer._forward_ca(x, memory, curr_pos, memory_pos, num_obj_ptr_tokens)
+            x = x + layer.dropout3(layer.linear2(layer.dropout(layer.activation(layer.linear1(layer.norm3(x))))))
+        return ma.norm(x)
+
+    def compile_parts(self, **options) -> None:
+        """torch.compile the image encoder, the memory attention and the mask decoder."""
+        self.sam2.image_encoder.compile(**options)
+        self.sam2.sam_mask_decoder.compile(**options)
+        self.attend_memory = torch.compile(self.attend_memory, **options)

@@ -32,7 +32,7 @@ def checkpoint(request, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(checkpoint):
-    return sa2va.Sa2VA.from_pretrained(checkpoint)
+    return sa2va.Sa2VA.from_pretrained(checkpoint, dtype="fp32")  # the parity tests need fp32 on any CPU
 
 
 def test_image_masks_with_forced_answer(model):
@@ -195,6 +195,19 @@ def test_bf16_runs_and_agrees_with_fp32(checkpoint, model):
     assert (a == b).mean() > 0.8  # random weights: bf16 rounding flips some pixels, not most
 
 
+def test_cpu_default_dtype_follows_the_bf16_units(checkpoint, monkeypatch):
+    """bf16 by default on a CPU with AMX or AVX512-BF16, fp32 without; an explicit dtype wins."""
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True, "amx_bf16": False})
+    assert sa2va.default_dtype(cpu) == torch.bfloat16
+    assert sa2va.cpu_bf16_units() == "avx512_bf16"
+    assert sa2va.Sa2VA.from_pretrained(checkpoint, device="cpu").dtype == torch.bfloat16
+    assert sa2va.Sa2VA.from_pretrained(checkpoint, device="cpu", dtype="fp32").dtype == torch.float32
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": False, "amx_bf16": False})
+    assert sa2va.default_dtype(cpu) == torch.float32
+    assert sa2va.Sa2VA.from_pretrained(checkpoint, device="cpu").dtype == torch.float32
+
+
 def test_predict_batch_equals_one_by_one(model):
     a, b = frames(2)
     a2 = a[:, ::-1].copy()
@@ -212,6 +225,29 @@ def test_predict_batch_equals_one_by_one(model):
         assert got.text == model.predict(image=img, text=text, max_new_tokens=5).text
     with pytest.raises(ValueError, match="predict_batch got 2 images, 3 texts"):
         model.predict_batch(images[:2], texts[:3])
+
+
+def test_predict_batch_videos_in_one_sam2_pass(model, monkeypatch):
+    """Videos of different lengths and an image in one batch: each request's masks equal predict()
+    alone, and the objects of both videos (three) are tracked in one SAM-2 pass."""
+    va, vb = frames(7), [f[::-1].copy() for f in frames(9)]
+    videos = [va, vb, None, va]
+    images = [None, None, frames(1)[0], None]
+    texts = ["<image>\nPlease segment it.", "<image>\nWhat moves?", "<image>\nPlease segment it.", "<image>\nAnd that?"]
+    answers = ["Sure, [SEG].", "[SEG] and [SEG].", "Sure, [SEG].", "No mask."]
+    bridge = model.model.grounding
+    passes = []
+    condition = bridge.condition
+    monkeypatch.setattr(bridge, "condition", lambda *a, **k: passes.append(len(a[1])) or condition(*a, **k))
+    batch = model.predict_batch(images, texts, answers, videos=videos)
+    assert passes == ([3] if model.cfg.video_memory else [])
+    monkeypatch.setattr(bridge, "condition", condition)
+    for img, vid, text, ans, got in zip(images, videos, texts, answers, batch):
+        alone = model.predict(image=img, video=vid, text=text, answer=ans)
+        assert got.text == alone.text and len(got.masks) == len(alone.masks)
+        for m1, m2 in zip(got.masks, alone.masks):
+            assert m1.shape == m2.shape and (m1 == m2).mean() > 0.999
+    assert [m.shape[0] for m in batch[1].masks] == [9, 9] and batch[0].masks[0].shape[0] == 7
 
 
 def test_internlm2_checkpoint_with_only_a_sentencepiece_tokenizer(tmp_path):
@@ -323,7 +359,7 @@ def test_generation_and_teacher_forcing_share_the_forward(model):
 
 
 def test_official_folder_loads_and_predicts_like_its_converted_copy(checkpoint, model, capsys):
-    official = sa2va.Sa2VA.from_pretrained(os.path.join(os.path.dirname(checkpoint), "official"))
+    official = sa2va.Sa2VA.from_pretrained(os.path.join(os.path.dirname(checkpoint), "official"), dtype="fp32")
     assert "converting it while loading" in capsys.readouterr().err
     assert official.cfg == model.cfg
     for k, v in model.model.state_dict().items():
@@ -331,3 +367,22 @@ def test_official_folder_loads_and_predicts_like_its_converted_copy(checkpoint, 
     args = dict(video=frames(3), text="<image>\nPlease segment it.", answer="Sure, [SEG] and [SEG].")
     for a, b in zip(official.predict(**args).masks, model.predict(**args).masks):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_same_tokens_and_masks(tmp_path):
+    """compile=True (vision tower, the static-shape decoding step, SAM-2 encoder, memory attention
+    and mask decoder, all through torch.compile) against eager, fp32: the same answer, the same
+    masks, on an image (generated and teacher-forced) and a tracked video."""
+    debug_checkpoint(tmp_path / "official", "internvl", llm="qwen2")
+    eager = sa2va.Sa2VA.from_pretrained(str(tmp_path / "official"), dtype="fp32")
+    compiled = sa2va.Sa2VA.from_pretrained(str(tmp_path / "official"), dtype="fp32", compile=True)
+    assert compiled.decode_step is not eager.decode_step
+    requests = [dict(image=frames(1)[0], text="<image>\nWhat is it?", max_new_tokens=6),
+                dict(image=frames(1)[0], text="<image>\nPlease segment it.", answer="Sure, [SEG] and [SEG]."),
+                dict(video=frames(7), text="<image>\nPlease segment it.", answer="Sure, [SEG] and [SEG].")]
+    for args in requests:
+        a, b = eager.predict(**args), compiled.predict(**args)
+        assert a.text == b.text and len(a.masks) == len(b.masks)
+        for m1, m2 in zip(a.masks, b.masks):
+            assert np.array_equal(m1, m2)

@@ -5,7 +5,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
 import convert
-from model.generate import GenerationConfig, generate
+from model.generate import CACHE_MULTIPLE, GenerationConfig, decode_step, generate
 from model.config import LLMConfig
 from model.llm import LLM
 from tests.conftest import ours_from_hf, randomize
@@ -110,18 +110,52 @@ def tiny_llm(**kw) -> LLM:
 
 
 @torch.no_grad()
-def test_cached_decoding_equals_full_forward():
+@pytest.mark.parametrize("L", [11, CACHE_MULTIPLE - 3])  # the second one's answer crosses a cache-length step
+def test_cached_decoding_equals_full_forward(L):
     llm = tiny_llm()
-    prompt = torch.randint(0, V, (1, 11))
-    out = generate(llm, llm.embed_tokens(prompt), torch.arange(11)[None], None, GenerationConfig(max_new_tokens=8), eos_ids=set())[0]
+    prompt = torch.randint(0, V, (1, L))
+    out = generate(llm, llm.embed_tokens(prompt), torch.arange(L)[None], None, GenerationConfig(max_new_tokens=8), eos_ids=set())[0]
     assert len(out.tokens) == 8
     full = torch.cat([prompt, torch.tensor([out.tokens])], dim=1)
     pos = torch.arange(full.shape[1])[None]
     h, _ = llm(llm.embed_tokens(full), pos)
     # Greedy tokens from the uncached forward are the same...
-    assert llm.logits(h)[0, 10:].argmax(-1).tolist()[:8] == out.tokens
-    # ...and so are the hidden states of the fed-back tokens (rows 11.. of the full pass).
-    torch.testing.assert_close(out.hidden, h[0, 11:11 + 7], atol=1e-5, rtol=1e-5)
+    assert llm.logits(h)[0, L - 1:].argmax(-1).tolist()[:8] == out.tokens
+    # ...and so are the hidden states of the fed-back tokens (rows L.. of the full pass).
+    torch.testing.assert_close(out.hidden, h[0, L:L + 7], atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_fused_projections_give_the_same_outputs():
+    llm = tiny_llm(qk_norm=True)
+    ids = torch.randint(0, V, (2, 9))
+    ref = ours_logits(llm, ids)
+    gen = generate(llm, llm.embed_tokens(ids[:1]), torch.arange(9)[None], None, GenerationConfig(max_new_tokens=6), set())[0]
+    llm.fuse_projections()
+    names = {k for k in llm.state_dict() if k.startswith("layers.0.")}
+    assert "layers.0.attn.qkv_proj.weight" in names and "layers.0.mlp.gate_up_proj.weight" in names
+    assert not any(f".{p}." in k for k in names for p in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"))
+    torch.testing.assert_close(ours_logits(llm, ids), ref, atol=1e-6, rtol=1e-6)
+    fused = generate(llm, llm.embed_tokens(ids[:1]), torch.arange(9)[None], None, GenerationConfig(max_new_tokens=6), set())[0]
+    assert fused.tokens == gen.tokens
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_compiled_decode_step_equals_eager():
+    """torch.compile(decode_step, fullgraph=True): one graph over the static cache, the same
+    tokens, hidden states within float rounding; a second request with a longer prompt reuses it."""
+    llm = tiny_llm()
+    step = torch.compile(decode_step, fullgraph=True)
+    for L in (11, 40):
+        prompt = torch.randint(0, V, (2, L))
+        emb, pos = llm.embed_tokens(prompt), torch.arange(L)[None].expand(2, -1)
+        cfg = GenerationConfig(max_new_tokens=8)
+        eager = generate(llm, emb, pos, None, cfg, eos_ids=set())
+        compiled = generate(llm, emb, pos, None, cfg, eos_ids=set(), step=step)
+        for a, b in zip(eager, compiled):
+            assert a.tokens == b.tokens
+            torch.testing.assert_close(a.hidden, b.hidden, atol=1e-5, rtol=1e-5)
 
 
 @torch.no_grad()

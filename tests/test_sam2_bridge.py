@@ -191,6 +191,30 @@ def test_batched_objects_equal_single(bridge):
 
 
 @torch.no_grad()
+def test_memory_attention_shares_the_frame_part_and_equals_meta(bridge):
+    """attend_memory runs the first self-attention once per frame, not once per object; the
+    result equals Meta's MemoryAttention on the frame repeated for every object."""
+    g, d, m = CFG.grid, CFG.d_model, CFG.mem_dim
+    gen = torch.Generator().manual_seed(3)
+    curr, curr_pos = torch.randn(1, g * g, d, generator=gen), torch.randn(1, g * g, d, generator=gen)
+    n, ptr_tokens = 3, 8
+    memory, memory_pos = torch.randn(n, 2 * g * g + ptr_tokens, m, generator=gen), torch.randn(n, 2 * g * g + ptr_tokens, m, generator=gen)
+    calls = []
+    sa = bridge.sam2.memory_attention.layers[0].self_attn
+    hook = sa.register_forward_hook(lambda mod, args, out: calls.append(out.shape[0]))
+    try:
+        ours = bridge.attend_memory(curr, curr_pos, memory, memory_pos, ptr_tokens)
+    finally:
+        hook.remove()
+    assert calls == [1]  # one frame's worth, for 3 objects
+    ref = bridge.sam2.memory_attention(curr=[curr.expand(n, -1, -1).transpose(0, 1)], curr_pos=[curr_pos.expand(n, -1, -1).transpose(0, 1)],
+                                       memory=memory.transpose(0, 1), memory_pos=memory_pos.transpose(0, 1),
+                                       num_obj_ptr_tokens=ptr_tokens).transpose(0, 1)
+    assert ours.shape == (n, g * g, d)
+    _assert_close(ours, ref)
+
+
+@torch.no_grad()
 def test_memory_bank_is_bounded_and_frames_read_once(bridge):
     num_frames, fetched = 40, []
 

@@ -387,7 +387,7 @@ def test_a_tiny_model_overfits_and_final_predicts_the_same_masks(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     rows = metrics(tmp_path / "run")
     assert np.mean([r["loss_lm"] for r in rows[-10:]]) < 0.05, rows[-1]
-    final = sa2va.Sa2VA.from_pretrained(str(tmp_path / "run" / "final"))
+    final = sa2va.Sa2VA.from_pretrained(str(tmp_path / "run" / "final"), dtype="fp32")
     # the trained model as it ended, adapters unmerged: the start weights plus the last checkpoint
     cfg = preset("debug-internvl")
     trained = Sa2VAModel(cfg)
@@ -409,6 +409,12 @@ def test_a_tiny_model_overfits_and_final_predicts_the_same_masks(tmp_path):
         assert (same.masks[0] == pred.masks[0]).mean() > 0.999
     assert min(ious) > 0.9, ious
     assert final.predict(image=image, text=record["conversations"][0]["value"], max_new_tokens=8).text == "Sure, [SEG]."
+    # bf16 (the CPU default where bf16 units exist) on a trained model: masks agree with fp32
+    half = sa2va.Sa2VA.from_pretrained(str(tmp_path / "run" / "final"), dtype="bf16")
+    for record in map(json.loads, open(path)):
+        args = dict(image=str(tmp_path / "data" / record["image"]), text=record["conversations"][0]["value"],
+                    answer="Sure, [SEG].")
+        assert (half.predict(**args).masks[0] == final.predict(**args).masks[0]).mean() >= 0.995
 
 
 # ----------------------------------------------------------------------------- from a base MLLM

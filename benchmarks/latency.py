@@ -6,9 +6,10 @@
     python benchmarks/latency.py --parts frames --frames-preset debug-internvl
 
 No checkpoint: the model is built on the meta device, `to_empty` and filled with N(0, 0.02)
-(norm weights 1, biases of norms 0; SAM-2's RoPE tables are plain CPU attributes that
-build_sam2 computes, untouched by to_empty). The tokenizer is the debug byte-level one padded to
-the model's vocab, and EOS is switched off so generation always runs the tokens asked for.
+(norm weights 1, biases of norms 0; the buffers, i.e. SAM-2's prompt PE matrix, N(0, 1); SAM-2's
+RoPE tables are plain CPU attributes that build_sam2 computes, untouched by to_empty). The
+tokenizer is the debug byte-level one padded to the model's vocab, and EOS is switched off so
+generation always runs the tokens asked for.
 Random weights: answers and masks mean nothing, the work done is real.
 Inputs are synthetic and seeded: a 448x448 image (one InternVL tile) and 320x240 frames.
 
@@ -67,6 +68,8 @@ def random_sa2va(name: str, device: torch.device, dtype: torch.dtype, seed: int 
                     p.fill_(1.0 if pname == "weight" else 0.0)
                 else:
                     p.normal_(0, 0.02)
+        for b in model.buffers():  # to_empty leaves buffers as they were in memory (SAM-2's PE matrix: N(0, 1))
+            b.normal_(0, 1)
     model = model.to(dtype).eval()
     s = Sa2VA(model, tok)
     s.eos_ids = set()  # random weights may pick <|im_end|>; decode timing needs all its tokens

@@ -20,7 +20,8 @@ Reproduces the official `predict_forward` of both the InternVL and the Qwen-VL f
 processing, greedy generation, `[SEG]` hidden states -> text_hidden_fcs -> SAM-2, video
 propagation. Additions: teacher-forced answers (`answer=`, through the model's forward),
 evenly spaced key frames for video, all objects of a video tracked in one batched SAM-2 pass,
-conversation state kept for follow-up turns, batched image requests.
+conversation state kept for follow-up turns, batched image and video requests, a static-shape
+decoding step that compiles (`compile=True`), and bf16 by default on CPUs with bf16 units.
 """
 import dataclasses
 import json

@@ -12,7 +12,7 @@ warm-up (which also compiles); whole requests once, after a warm-up request on a
 CPU (default): per stage -- vision tower (one 448^2 tile), LLM prefill (the one-tile prompt),
 decode (16 tokens), SAM-2 image encoder (one frame), memory attention (3 objects, a full memory
 bank), mask decoder (3 objects) -- eager vs compiled, fp32 vs bf16; then the two requests of
-the speed issue, fp32 vs bf16 (eager): an image of 640x480 (13 InternVL tiles, one [SEG],
+our speed targets, fp32 vs bf16 (eager): an image of 640x480 (13 InternVL tiles, one [SEG],
 teacher-forced) and an 8-frame 320x240 video with 3 objects; and how far bf16 moves the outputs.
 
 GPU (--device cuda, bf16, decoding and SAM-2 compiled): per preset, decode tokens/s at batch 1 against the HBM

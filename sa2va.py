@@ -274,30 +274,53 @@ class Sa2VA:
             queries = torch.stack([torch.arange(len(prompts)), torch.zeros(len(prompts), dtype=torch.long)], -1)
             logits = self.model.decode_masks(conv.media.sam2_frames.to(self.device), prompts, queries.to(self.device))
             return [m[None] for m in bridge.postprocess(logits, (H, W)).cpu().numpy()]
-        video, size = conv.video, self.cfg.sam2.image_size
-        T = len(video)
-        prepared = dict(zip(conv.key_frames, conv.media.sam2_frames))  # the processor resized the key frames
         if not self.cfg.video_memory:  # every frame decoded with the prompts alone, as the model was trained
+            T = len(conv.video)
             masks = np.zeros((prompts.shape[0], T, H, W), dtype=bool)
             queries = torch.stack([torch.arange(len(prompts)), torch.zeros(len(prompts), dtype=torch.long)], -1)
             steps = tqdm(range(T), desc="SAM-2 frames", unit="frame") if progress else range(T)
             for t in steps:
-                x = prepared[t] if t in prepared else data.sam2_frames([video.frame(t)], size)[0]
-                logits = self.model.decode_masks(x[None].to(self.device), prompts, queries.to(self.device))
+                logits = self.model.decode_masks(self._sam2_frame(conv, t)[None].to(self.device), prompts,
+                                                 queries.to(self.device))
                 masks[:, t] = bridge.postprocess(logits, (H, W)).cpu().numpy()
             return list(masks)
+        return self._track([(conv, prompts)], progress)[0]
 
-        def frame(t: int) -> torch.Tensor:
-            x = prepared[t] if t in prepared else data.sam2_frames([video.frame(t)], size)[0]
-            return bridge.normalize(x[None].to(self.device))[0]
-        memory = bridge.condition(frame, prompts, cond_frames=conv.key_frames, num_frames=T)
-        masks = np.zeros((prompts.shape[0], T, H, W), dtype=bool)
+    def _sam2_frame(self, conv: Conversation, t: int) -> torch.Tensor:
+        """Frame t of the conversation's video, uint8 (3, S, S): the key frames as the processor resized them."""
+        if t in conv.key_frames:
+            return conv.media.sam2_frames[conv.key_frames.index(t)]
+        return data.sam2_frames([conv.video.frame(t)], self.cfg.sam2.image_size)[0]
+
+    def _track(self, items: list[tuple[Conversation, torch.Tensor]], progress: bool = False) -> list[list[np.ndarray]]:
+        """SAM-2 video propagation of the prompts of one or more videos that share their key frames,
+        in one batched pass: frame t of every video is encoded in one call, and a shorter video is
+        padded with its last frame, whose extra masks are dropped."""
+        bridge = self.model.grounding
+        convs = [c for c, _ in items]
+        prompts = [p.to(self.dtype) for _, p in items]
+        T = max(len(c.video) for c in convs)
+
+        def frame(t: int) -> torch.Tensor:  # (3, S, S), or (V, 3, S, S): frame t of every video
+            x = torch.stack([self._sam2_frame(c, min(t, len(c.video) - 1)) for c in convs])
+            x = bridge.normalize(x.to(self.device))
+            return x[0] if len(convs) == 1 else x
+        owners = None
+        if len(convs) > 1:
+            owners = torch.cat([torch.full((len(p),), v) for v, p in enumerate(prompts)]).to(self.device)
+        memory = bridge.condition(frame, torch.cat(prompts), cond_frames=convs[0].key_frames, num_frames=T, owners=owners)
+        masks = [np.zeros((len(p), len(c.video), c.media.size[1], c.media.size[0]), dtype=bool)
+                 for p, c in zip(prompts, convs)]
+        rows = np.cumsum([0] + [len(p) for p in prompts])
         steps = bridge.propagate(frame, memory)
         if progress:
             steps = tqdm(steps, total=T, desc="SAM-2 propagation", unit="frame")
         for t, logits in steps:
-            masks[:, t] = bridge.postprocess(logits, (H, W)).cpu().numpy()
-        return list(masks)
+            for v, c in enumerate(convs):
+                if t < len(c.video):
+                    W, H = c.media.size
+                    masks[v][:, t] = bridge.postprocess(logits[rows[v]:rows[v + 1]], (H, W)).cpu().numpy()
+        return [list(m) for m in masks]
 
     # ------------------------------------------------------------------ predict
 
@@ -374,8 +397,8 @@ class Sa2VA:
             preds.append(pred)
             by_media.setdefault(id(conv), (conv, []))[1].append((pred, prompts))
         groups = [(conv, items, torch.cat([p for _, p in items])) for conv, items in by_media.values()]
-        still = [(conv, prompts) for conv, _, prompts in groups if conv.video is not None and len(prompts)]
-        video_masks = iter(self.segment_videos(still))
+        tracked = [(conv, prompts) for conv, _, prompts in groups if conv.video is not None and len(prompts)]
+        video_masks = iter(self.segment_videos(tracked))
         for conv, items, prompts in groups:  # one SAM-2 pass per image for all its objects
             if not len(prompts):
                 masks = []
@@ -389,43 +412,19 @@ class Sa2VA:
 
     @torch.inference_mode()
     def segment_videos(self, items: list[tuple[Conversation, torch.Tensor]]) -> list[list[np.ndarray]]:
-        """segment() for several videos, their objects tracked together in one batched SAM-2 pass
-        (per set of key frames): frame t of every video is encoded in one call, and a shorter
-        video is padded with its last frame, whose extra masks are dropped."""
+        """segment() for several videos: the objects of all videos that share their key frames are
+        tracked together in one batched SAM-2 pass."""
         out: list[list[np.ndarray] | None] = [None] * len(items)
         passes: dict[tuple[int, ...], list[int]] = {}
         for i, (conv, _) in enumerate(items):
             passes.setdefault(tuple(conv.key_frames), []).append(i)
-        bridge, size = self.model.grounding, self.cfg.sam2.image_size
-        for cond_frames, members in passes.items():
-            if len(members) == 1 or not self.cfg.video_memory:
-                for i in members:
-                    out[i] = self.segment(*items[i])
-                continue
-            convs = [items[i][0] for i in members]
-            prepared = [dict(zip(c.key_frames, c.media.sam2_frames)) for c in convs]
-            T = max(len(c.video) for c in convs)
-
-            def frame(t: int) -> torch.Tensor:  # (V, 3, S, S): frame t of every video
-                xs = []
-                for c, ready in zip(convs, prepared):
-                    tv = min(t, len(c.video) - 1)
-                    xs.append(ready[tv] if tv in ready else data.sam2_frames([c.video.frame(tv)], size)[0])
-                return bridge.normalize(torch.stack(xs).to(self.device))
-            prompts = [items[i][1].to(self.dtype) for i in members]
-            owners = torch.cat([torch.full((len(p),), v) for v, p in enumerate(prompts)]).to(self.device)
-            memory = bridge.condition(frame, torch.cat(prompts), cond_frames=list(cond_frames), num_frames=T,
-                                      owners=owners)
-            masks = [np.zeros((len(p), len(c.video), c.media.size[1], c.media.size[0]), dtype=bool)
-                     for p, c in zip(prompts, convs)]
-            rows = np.cumsum([0] + [len(p) for p in prompts])
-            for t, logits in bridge.propagate(frame, memory):
-                for v, c in enumerate(convs):
-                    if t < len(c.video):
-                        W, H = c.media.size
-                        masks[v][:, t] = bridge.postprocess(logits[rows[v]:rows[v + 1]], (H, W)).cpu().numpy()
-            for i, m in zip(members, masks):
-                out[i] = list(m)
+        for members in passes.values():
+            if self.cfg.video_memory:
+                results = self._track([items[i] for i in members])
+            else:  # memory-less decoding has nothing to batch across videos
+                results = [self.segment(*items[i]) for i in members]
+            for i, masks in zip(members, results):
+                out[i] = masks
         return out
 
     # ------------------------------------------------------------------ helpers

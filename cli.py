@@ -10,8 +10,8 @@ argparse generated from a config dataclass, one-line errors, and result folders 
     run("prog.py", lambda: work(opts))                  # user errors -> one line, exit code 2
 
 Each field becomes `--field-name` (or a positional argument) typed by its annotation: str, int,
-float, bool (a flag; `--no-x` when the default is True) or `X | None`; `choices` restricts
-the values. The parsed values come back as an instance of the dataclass.
+float, bool (a flag; `--no-x` when the default is True), `X | None`, or `tuple[X, ...]` (a
+repeatable option: `--prompt a --prompt b` -> ("a", "b"); default ()); `choices` restricts the values. The parsed values come back as an instance of the dataclass.
 """
 import argparse
 import contextlib
@@ -35,8 +35,17 @@ def arg(default: Any = _MISSING, help: str = "", *, choices: tuple | None = None
     return dataclasses.field(default=default, metadata=meta)
 
 
+def _repeated(tp) -> bool:
+    return get_origin(tp) is tuple
+
+
 def _scalar(tp) -> type:
-    """The argument type behind an annotation: `int`, `str | None` -> str, ..."""
+    """The argument type behind an annotation: `int`, `str | None` -> str, `tuple[str, ...]` -> str, ..."""
+    if _repeated(tp):
+        args = get_args(tp)
+        if len(args) != 2 or args[1] is not Ellipsis:
+            raise TypeError(f"unsupported command-line type {tp}; a repeatable option is `tuple[X, ...]`")
+        tp = args[0]
     if get_origin(tp) in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
         if len(args) != 1:
@@ -65,6 +74,10 @@ def parser(cls, description: str = "", prog: str | None = None) -> argparse.Argu
             action = argparse.BooleanOptionalAction if f.default is True else "store_true"
             ap.add_argument(flag, action=action, default=bool(f.default), **kwargs)
             continue
+        if _repeated(f.type):  # each use appends; the dataclass gets a tuple
+            ap.add_argument(flag, type=tp, choices=meta.get("choices"), metavar=meta.get("metavar"), action="append",
+                            default=None, **kwargs)
+            continue
         if f.default is not _MISSING and f.default is not None:
             kwargs["help"] += f" (default: {f.default})"
         ap.add_argument(flag, type=tp, choices=meta.get("choices"), metavar=meta.get("metavar"),
@@ -75,11 +88,17 @@ def parser(cls, description: str = "", prog: str | None = None) -> argparse.Argu
 def parse(cls, argv: list[str] | None = None, description: str = "", prog: str | None = None):
     """Parse argv (default sys.argv[1:]) into an instance of the dataclass cls."""
     ap = parser(cls, description, prog)
-    opts = cls(**vars(ap.parse_args(argv)))
+    values = vars(ap.parse_args(argv))
+    for f in dataclasses.fields(cls):
+        if _repeated(f.type):
+            values[f.name] = tuple(values[f.name] or f.default)
+    opts = cls(**values)
     for name, value in vars(opts).items():
-        if isinstance(value, str):
+        for v in value if isinstance(value, tuple) else (value,):
+            if not isinstance(v, str):
+                continue
             try:
-                value.encode("utf-8")
+                v.encode("utf-8")
             except UnicodeEncodeError:  # bytes the shell passed that are not UTF-8 (kept as surrogates)
                 ap.error(f"{name.replace('_', '-')} is not valid UTF-8 text; pass it in a UTF-8 locale")
     return opts

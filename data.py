@@ -441,6 +441,10 @@ def natural_key(name: str) -> list:
 
 
 KEY_FRAME_MODES = ("first", "uniform")
+# The grounded-caption question of the official GCG evaluation (sa2va_eval_gcg.py); the line break
+# in its source leaves the run of spaces after "interleaved".
+GCG_QUESTION = ("Could you please give me a brief description of the image? Please respond with interleaved "
+                "    segmentation masks for the corresponding parts of the answer.")
 
 
 def key_frame_indices(num_frames: int, k: int = NUM_KEY_FRAMES, mode: str = "first") -> list[int]:

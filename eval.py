@@ -66,8 +66,9 @@ class EvalOptions:
     split: str | None = arg(None, "the split (default: val; testA, testB, test for the RefCOCO family; test for gcg)")
     batch_size: int = arg(8, "image queries per predict_batch call")
     max_new_tokens: int = arg(2048, "answer length limit (the official evaluation: 2048)")
-    key_frames: str = arg("first", "video key frames: first (official) or uniform", choices=KEY_FRAME_MODES)
-    num_key_frames: int = arg(NUM_KEY_FRAMES, "video key frames the MLLM sees and SAM-2 conditions on (official: 5)")
+    key_frames: int = arg(NUM_KEY_FRAMES, "video key frames the MLLM sees and SAM-2 conditions on (official: 5)")
+    key_frame_mode: str = arg("first", "which frames are the key frames: the first ones (official) or evenly spaced",
+                              choices=KEY_FRAME_MODES)
     bert: str | None = arg(None, "a local bert-base-uncased folder, for the GCG recall")
     limit: int | None = arg(None, "evaluate the first N queries only (a quick look; not a benchmark number)")
     device: str | None = arg(None, "cuda, mps or cpu (default: the best available; each torchrun rank its own GPU)")
@@ -235,7 +236,7 @@ class VOSBench:
         out = []
         for q in queries:
             pred = model.predict(video=q.frames, text=q.prompt, max_new_tokens=opts.max_new_tokens,
-                                 key_frames=opts.key_frames, num_key_frames=opts.num_key_frames)
+                                 key_frames=opts.key_frame_mode, num_key_frames=opts.key_frames)
             out.append({"id": q.id, "text": pred.text,
                         "masks": [[data.rle_encode(f) for f in track] for track in pred.masks[:1]]})
         return out
@@ -336,8 +337,7 @@ def frame_size(path: str) -> tuple[int, int]:
 
 # ----------------------------------------------------------------------------- grounded captions
 
-GCG_PROMPT = ("<image>\nCould you please give me a brief description of the image? Please respond with interleaved "
-              "    segmentation masks for the corresponding parts of the answer.")  # the official line break left 5 spaces
+GCG_PROMPT = "<image>\n" + data.GCG_QUESTION
 
 
 def gcg_caption_and_phrases(text: str) -> tuple[str, list[str]]:
@@ -638,8 +638,8 @@ def table(benchmark: str, split: str, result: dict) -> str:
 
 
 def evaluate(opts: EvalOptions):
-    if opts.batch_size < 1 or opts.max_new_tokens < 1 or opts.num_key_frames < 1:
-        raise ValueError("--batch-size, --max-new-tokens and --num-key-frames must be at least 1")
+    if opts.batch_size < 1 or opts.max_new_tokens < 1 or opts.key_frames < 1:
+        raise ValueError("--batch-size, --max-new-tokens and --key-frames must be at least 1")
     bench = open_benchmark(opts)
     split = opts.split or "val"
     queries = bench.queries[:opts.limit] if opts.limit else bench.queries
@@ -728,15 +728,15 @@ def _run(opts: EvalOptions, bench, queries: list[Query], split: str, rank: int, 
     result = bench.score(records, queries, opts)
     summary = {"benchmark": opts.benchmark, "split": split, "metrics": result, "queries": len(queries),
                "model": opts.model, "checkpoint_sha256": checkpoint_hash(opts.model), "options": dataclasses.asdict(opts),
-               "protocol": {"key_frames": opts.key_frames, "num_key_frames": opts.num_key_frames,
-                            "official": opts.key_frames == "first" and opts.num_key_frames == NUM_KEY_FRAMES
+               "protocol": {"key_frame_mode": opts.key_frame_mode, "key_frames": opts.key_frames,
+                            "official": opts.key_frame_mode == "first" and opts.key_frames == NUM_KEY_FRAMES
                             and opts.max_new_tokens == 2048 and not opts.limit},
                "scoring_s": round(time.perf_counter() - t0, 3)}
     with open(os.path.join(opts.out, "results.json.tmp"), "w") as f:
         json.dump(summary, f, indent=1)
     os.replace(os.path.join(opts.out, "results.json.tmp"), os.path.join(opts.out, "results.json"))
     protocol = "official" if summary["protocol"]["official"] else (
-        f"key frames {opts.key_frames} x{opts.num_key_frames}, max {opts.max_new_tokens} new tokens"
+        f"key frames {opts.key_frame_mode} x{opts.key_frames}, max {opts.max_new_tokens} new tokens"
         + (f", first {opts.limit} queries" if opts.limit else ""))
     print(table(opts.benchmark, split, {**result, "protocol": protocol}))
     return summary

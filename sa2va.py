@@ -476,21 +476,63 @@ def overlay(frame: np.ndarray, masks: list[np.ndarray]) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def write_outputs(out_dir: str, pred: Prediction, image=None, video: data.Video | None = None):
-    """Masks as PNGs, an overlay and result.json (masks as compressed COCO RLE), written whole
+def davis_palette() -> list[int]:
+    """The DAVIS / PASCAL VOC colour map (index i -> the bits of i spread over r, g, b), flattened
+    for PIL's putpalette: the palette DAVIS's and SAM-2's tools write and read."""
+    palette = []
+    for i in range(256):
+        r = g = b = 0
+        c = i
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette += [r, g, b]
+    return palette
+
+
+def palette_frame(masks: list[np.ndarray]) -> Image.Image:
+    """One frame's objects as a DAVIS-style palette PNG image: 0 background, object k -> index k+1
+    (where objects overlap, the later one)."""
+    if len(masks) > 255:
+        raise ValueError(f"{len(masks)} objects do not fit one palette image (at most 255)")
+    index = np.zeros(masks[0].shape, dtype=np.uint8)
+    for k, m in enumerate(masks):
+        index[m] = k + 1
+    im = Image.fromarray(index, mode="P")
+    im.putpalette(davis_palette())
+    return im
+
+
+def write_outputs(out_dir: str, preds: Prediction | list[Prediction], image=None, video: data.Video | None = None,
+                  prompts: list[str] | None = None):
+    """The objects of one or more answers about the same media: masks as PNGs (numbered across the
+    answers), DAVIS-style palette PNGs per frame (`palette/00000.png`, object k -> index k+1), an
+    overlay and result.json (each answer's text; masks as compressed COCO RLE), written whole
     (cli.output_folder: nothing is left behind on an error or a signal)."""
+    preds = [preds] if isinstance(preds, Prediction) else preds
     with output_folder(out_dir) as tmp:
-        result = {"text": pred.text, "objects": []}
-        for k, m in enumerate(pred.masks):
-            obj = {"phrase": pred.phrases[k] if k < len(pred.phrases) else "", "masks": [data.rle_encode(f) for f in m]}
-            result["objects"].append(obj)
+        result = {"text": "\n".join(p.text for p in preds), "answers": [], "objects": []}
+        masks = []
+        for i, pred in enumerate(preds):
+            result["answers"].append({"prompt": prompts[i] if prompts else None, "text": pred.text})
+            for k, m in enumerate(pred.masks):
+                result["objects"].append({"answer": i, "phrase": pred.phrases[k] if k < len(pred.phrases) else "",
+                                          "masks": [data.rle_encode(f) for f in m]})
+                masks.append(m)
+        for k, m in enumerate(masks):
             for t, f in enumerate(m):
                 name = f"mask_{k}.png" if image is not None else f"mask_{k}_{t:05d}.png"
                 Image.fromarray(f.astype(np.uint8) * 255).save(os.path.join(tmp, name))
+        if masks:
+            os.mkdir(os.path.join(tmp, "palette"))
+            for t in range(masks[0].shape[0]):
+                palette_frame([m[t] for m in masks]).save(os.path.join(tmp, "palette", f"{t:05d}.png"))
         if image is not None:
-            Image.fromarray(overlay(np.asarray(image), [m[0] for m in pred.masks])).save(os.path.join(tmp, "overlay.png"))
+            Image.fromarray(overlay(np.asarray(image), [m[0] for m in masks])).save(os.path.join(tmp, "overlay.png"))
         elif video is not None:
-            _write_overlay_video(os.path.join(tmp, "overlay.mp4"), video, pred.masks)
+            _write_overlay_video(os.path.join(tmp, "overlay.mp4"), video, masks)
         with open(os.path.join(tmp, "result.json"), "w") as f:
             json.dump(result, f)
 
@@ -516,15 +558,19 @@ class ChatOptions:
                                   "model, weights/sa2va-shapes)")
     image: str | None = arg(None, "image file")
     video: str | None = arg(None, "video file or folder of frames")
-    prompt: str | None = arg(None, "question; '<image>' is prepended when missing")
-    answer: str | None = arg(None, "skip generation and segment this answer (teacher-forced)")
-    out: str | None = arg(None, "folder for masks, overlay and result.json")
+    prompt: tuple[str, ...] = arg((), "question; '<image>' is prepended when missing. Repeatable: the answers about "
+                                      "the same image or video are batched, and all their objects segmented together")
+    gcg: bool = arg(False, "also ask the official grounded-caption question (phrases with a mask each)")
+    answer: tuple[str, ...] = arg((), "skip generation and segment this answer (teacher-forced); one per question")
+    out: str | None = arg(None, "folder for masks, palette PNGs, overlay and result.json")
     device: str | None = arg(None, "cuda, mps or cpu (default: best available)")
     dtype: str | None = arg(None, "bf16, fp16 or fp32 (default: bf16 on GPU and on CPUs with AMX or AVX512-BF16, "
                                   "else fp32)")
     compile: bool = arg(False, "torch.compile the vision tower, decoding and SAM-2 (pays off on GPU; see README)")
     max_new_tokens: int = arg(2048, "longest answer in tokens")
-    key_frames: str = arg("first", "video frames the MLLM sees", choices=("first", "uniform"))
+    key_frames: int = arg(NUM_KEY_FRAMES, "video frames the MLLM sees and SAM-2 is conditioned on (official: 5)")
+    key_frame_mode: str = arg("first", "which video frames are the key frames: the first ones (official) or evenly "
+                                       "spaced", choices=data.KEY_FRAME_MODES)
     self_check: bool = arg(False, "run end to end on a tiny random checkpoint built on the fly")
 
 
@@ -538,24 +584,39 @@ def chat(opts: ChatOptions):
             write_outputs(opts.out, vid, video=vid.history.video)
             print(f"wrote {opts.out}")
         return
-    if not opts.prompt:
-        raise ValueError("--prompt is required (or --self-check to run on a tiny random model)")
+    prompts = list(opts.prompt) + ([data.GCG_QUESTION] if opts.gcg else [])
+    if not prompts:
+        raise ValueError("--prompt is required (or --gcg, or --self-check to run on a tiny random model)")
+    if opts.answer and len(opts.answer) != len(prompts):
+        raise ValueError(f"{len(opts.answer)} --answer for {len(prompts)} question(s); give one --answer per question")
     if opts.image and opts.video:
         raise ValueError("give --image or --video, not both")
+    if len(prompts) > 1 and not (opts.image or opts.video):
+        raise ValueError("several questions are batched about one image or video; give --image or --video")
+    if opts.key_frames < 1:
+        raise ValueError(f"--key-frames must be at least 1, got {opts.key_frames}")
     image = data.load_image(opts.image, f"--image {opts.image}") if opts.image else None
     video = data.Video(opts.video) if opts.video else None
     GenerationConfig(max_new_tokens=opts.max_new_tokens)  # a bad value fails now, not after loading
     model = Sa2VA.from_pretrained(opts.model, device=opts.device, dtype=opts.dtype, compile=opts.compile)
-    prompt = opts.prompt
-    if (image or video) and "<image>" not in prompt:
-        prompt = "<image>\n" + prompt
-    pred = model.predict(image=image, video=video, text=prompt, answer=opts.answer,
-                         max_new_tokens=opts.max_new_tokens, key_frames=opts.key_frames, progress=True)
-    print(pred.text)
-    for k, m in enumerate(pred.masks):
-        print(f"object {k}: {pred.phrases[k]!r} {m.shape[0]} frame(s), {int(m.sum())} mask pixels")
+    if image or video:
+        prompts = [p if "<image>" in p else "<image>\n" + p for p in prompts]
+    answers = list(opts.answer) or None
+    frames = dict(key_frames=opts.key_frame_mode, num_key_frames=opts.key_frames)
+    if len(prompts) == 1:
+        preds = [model.predict(image=image, video=video, text=prompts[0], answer=answers and answers[0],
+                               max_new_tokens=opts.max_new_tokens, progress=True, **frames)]
+    else:  # one batch, one encoding of the media, one SAM-2 pass for every object
+        preds = model.predict_batch([image] * len(prompts) if image else None, prompts, answers, opts.max_new_tokens,
+                                    videos=[video] * len(prompts) if video else None, **frames)
+    k = 0
+    for pred in preds:
+        print(pred.text)
+        for m, phrase in zip(pred.masks, pred.phrases):
+            print(f"object {k}: {phrase!r} {m.shape[0]} frame(s), {int(m.sum())} mask pixels")
+            k += 1
     if opts.out:
-        write_outputs(opts.out, pred, image=pred.history.image, video=pred.history.video)
+        write_outputs(opts.out, preds, image=preds[0].history.image, video=preds[0].history.video, prompts=prompts)
         print(f"wrote {opts.out}")
 
 

@@ -45,8 +45,6 @@ from official_data import ANSWER_LIST, GCG_QUESTIONS, SEG_QUESTIONS, VP_QUESTION
 COLORS = {"red": (215, 40, 40), "green": (40, 165, 60), "blue": (45, 85, 220), "yellow": (235, 205, 35),
           "purple": (140, 60, 185), "orange": (245, 135, 25)}
 SHAPES = ("circle", "square", "triangle")
-GCG_EVAL_QUESTION = ("Could you please give me a brief description of the image? Please respond with interleaved "
-                     "    segmentation masks for the corresponding parts of the answer.")  # eval.py's GCG prompt
 MCQ_SUFFIX = "\nAnswer with the option's letter from the given choices directly."
 LETTERS = "ABCDEF"
 
@@ -424,7 +422,7 @@ def _custom_samples(rng, scene, masks, keep, order, caption, image) -> list[dict
             q = f"<image>\nPlease segment the {names[0][0]} and the {names[1][0]}."
             out.append({"image": image, "masks": [data.rle_encode(masks[i]) for i in chosen],
                         "conversations": _human_gpt(q, "Sure, [SEG] and [SEG].")})
-    question = GCG_EVAL_QUESTION if rng.random() < 0.5 else str(rng.choice(GCG_QUESTIONS))
+    question = data.GCG_QUESTION if rng.random() < 0.5 else str(rng.choice(GCG_QUESTIONS))
     out.append({"image": image, "masks": [data.rle_encode(masks[i]) for i in order],
                 "conversations": _human_gpt("<image>\n" + question, caption)})
     q, options, right = _vqa_question(rng, scene, keep)

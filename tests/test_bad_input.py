@@ -118,8 +118,8 @@ def loop(path):
 
 # ----------------------------------------------------------------------------- the catalogue
 
-def chat(env, tmp, *extra, model=None, image=True):
-    args = ["--model", model or env.ours, "--prompt", "Please segment it.", "--answer", "Sure, [SEG]."]
+def chat(env, tmp, *extra, model=None, image=True, prompt="Please segment it."):
+    args = ["--model", model or env.ours, "--prompt", prompt, "--answer", "Sure, [SEG]."]
     return args + (["--image", env.image] if image else []) + list(extra)
 
 
@@ -211,12 +211,18 @@ CHAT_CASES = [
     ("max new tokens zero", lambda e, t: chat(e, t, "--max-new-tokens", "0"), r"max_new_tokens must be a whole number >= 1"),
     ("max new tokens negative", lambda e, t: chat(e, t, "--max-new-tokens", "-4"), r"max_new_tokens must be a whole number >= 1, got -4"),
     ("max new tokens fractional", lambda e, t: chat(e, t, "--max-new-tokens", "1.5"), r"argument --max-new-tokens: invalid int value"),
-    ("key frames unknown", lambda e, t: chat(e, t, "--key-frames", "random"), r"argument --key-frames: invalid choice"),
+    ("key frame mode unknown", lambda e, t: chat(e, t, "--key-frame-mode", "random"), r"argument --key-frame-mode: invalid choice"),
+    ("key frames zero", lambda e, t: chat(e, t, "--key-frames", "0"), r"--key-frames must be at least 1, got 0"),
+    ("key frames not a number", lambda e, t: chat(e, t, "--key-frames", "all"), r"argument --key-frames: invalid int value"),
+    ("answers and questions differ", lambda e, t: chat(e, t, "--answer", "a", "--answer", "b"),
+     r"3 --answer for 1 question\(s\); give one --answer per question"),
+    ("several questions, no media", lambda e, t: chat(e, t, "--prompt", "Hi.", "--answer", "Hello.", image=False),
+     r"several questions are batched about one image or video; give --image or --video"),
     ("unknown flag", lambda e, t: chat(e, t, "--fast"), r"unrecognized arguments: --fast"),
-    ("prompt not UTF-8", lambda e, t: chat(e, t) + ["--prompt", b"caf\xe9".decode("utf-8", "surrogateescape")],
+    ("prompt not UTF-8", lambda e, t: chat(e, t, prompt=b"caf\xe9".decode("utf-8", "surrogateescape")),
      r"prompt is not valid UTF-8 text"),
-    ("two image tags", lambda e, t: chat(e, t) + ["--prompt", "<image> and <image>"], r"2 '<image>' tag\(s\)"),
-    ("prompt past the context", lambda e, t: chat(e, t) + ["--prompt", "a" * 40000], r"tokens but the model's context is 32768"),
+    ("two image tags", lambda e, t: chat(e, t, prompt="<image> and <image>"), r"2 '<image>' tag\(s\)"),
+    ("prompt past the context", lambda e, t: chat(e, t, prompt="a" * 40000), r"tokens but the model's context is 32768"),
 ]
 
 

@@ -151,7 +151,7 @@ def test_cli_writes_outputs(checkpoint, tmp_path, capsys):
     sa2va.main(["--model", checkpoint, "--image", str(img), "--prompt", "Please segment it.", "--answer", "Sure, [SEG].",
                 "--out", str(out)])
     assert "Sure, [SEG]." in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == ["mask_0.png", "overlay.png", "result.json"]
+    assert sorted(os.listdir(out)) == ["mask_0.png", "overlay.png", "palette", "result.json"]
     result = json.loads((out / "result.json").read_text())
     mask = np.asarray(Image.open(out / "mask_0.png")) > 0
     assert np.array_equal(data.rle_decode(result["objects"][0]["masks"][0]), mask)
@@ -166,6 +166,40 @@ def test_cli_writes_outputs(checkpoint, tmp_path, capsys):
         for t, rle in enumerate(obj["masks"]):
             png = np.asarray(Image.open(vid_out / f"mask_{k}_{t:05d}.png")) > 0
             assert np.array_equal(coco_decode(rle), png)
+
+
+def test_cli_several_prompts_one_pass(checkpoint, tmp_path, capsys):
+    """Repeated --prompt (and --gcg): one batch about one video; every object in result.json, the
+    mask PNGs and the DAVIS palette PNGs (object k -> index k+1, the later object on top)."""
+    folder = tmp_path / "clip"
+    folder.mkdir()
+    for t, f in enumerate(frames(3)):
+        Image.fromarray(f).save(folder / f"{t}.png")
+    out = tmp_path / "out"
+    sa2va.main(["--model", checkpoint, "--video", str(folder), "--prompt", "Please segment it.", "--answer", "[SEG].",
+                "--prompt", "And those?", "--answer", "Sure, [SEG] and [SEG].", "--gcg", "--answer", "<p>A thing</p> [SEG].",
+                "--key-frames", "2", "--dtype", "fp32", "--out", str(out)])
+    result = json.loads((out / "result.json").read_text())
+    assert [a["text"] for a in result["answers"]] == ["[SEG].", "Sure, [SEG] and [SEG].", "<p>A thing</p> [SEG]."]
+    assert result["answers"][2]["prompt"] == "<image>\n" + data.GCG_QUESTION
+    assert [o["answer"] for o in result["objects"]] == [0, 1, 1, 2] and result["objects"][3]["phrase"] == "A thing"
+    palette = sa2va.davis_palette()
+    assert palette[3:9] == [128, 0, 0, 0, 128, 0]  # DAVIS: object 1 dark red, object 2 dark green
+    assert sorted(os.listdir(out / "palette")) == ["00000.png", "00001.png", "00002.png"]
+    for t in range(3):
+        im = Image.open(out / "palette" / f"{t:05d}.png")
+        assert im.mode == "P" and im.getpalette()[:12] == palette[:12]
+        expected = np.zeros((H, W), np.uint8)
+        for k, obj in enumerate(result["objects"]):
+            m = np.asarray(Image.open(out / f"mask_{k}_{t:05d}.png")) > 0
+            assert np.array_equal(coco_decode(obj["masks"][t]), m)
+            expected[m] = k + 1
+        assert np.array_equal(np.asarray(im), expected)
+    # the same objects as asked alone (up to the padding's rounding in the batched LLM, as predict_batch)
+    model = sa2va.Sa2VA.from_pretrained(checkpoint, dtype="fp32")
+    alone = model.predict(video=str(folder), text="<image>\nAnd those?", answer="Sure, [SEG] and [SEG].", num_key_frames=2)
+    for k in (1, 2):
+        assert (coco_decode(result["objects"][k]["masks"][1]) == alone.masks[k - 1][1]).mean() > 0.999
 
 
 def test_cli_error_leaves_no_output(checkpoint, tmp_path, capsys):

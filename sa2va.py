@@ -195,21 +195,27 @@ class Sa2VA:
     # ------------------------------------------------------------------ the steps
 
     def encode_media(self, image=None, video=None, mask_prompts=None, key_frames: str = "first",
-                     num_key_frames: int = NUM_KEY_FRAMES) -> Conversation:
+                     num_key_frames: int = NUM_KEY_FRAMES, points=None, boxes=None) -> Conversation:
         """A new conversation about an image (path, PIL image or uint8 array; optional `<vp>`
-        regions) or a video (file, frame folder or list of frames), with the processor's inputs
-        for it (run_llm adds the vision tower's output, once for every turn that follows)."""
+        regions: masks, points, boxes, see region_masks) or a video (file, frame folder or list of
+        frames), with the processor's inputs for it (run_llm adds the vision tower's output, once
+        for every turn that follows)."""
         if (image is None) == (video is None):
             raise ValueError("give an image or a video, not both or neither")
-        if mask_prompts is not None and (image is None or self.cfg.family != "internvl"):
-            raise ValueError("mask_prompts (<vp> regions) need an image and an InternVL-family model")
+        visual_prompts = [v for v in (mask_prompts, points, boxes) if v is not None]
+        if visual_prompts and (image is None or self.cfg.family != "internvl"):
+            raise ValueError("mask_prompts, points and boxes (<vp> regions) need an image and an InternVL-family model")
         if not isinstance(num_key_frames, int) or num_key_frames < 1:
             raise ValueError(f"num_key_frames must be a positive integer, got {num_key_frames!r}")
         if key_frames not in data.KEY_FRAME_MODES:
             raise ValueError(f"unknown key-frame mode {key_frames!r}; use one of {', '.join(data.KEY_FRAME_MODES)}")
         if image is not None:
             image = data.load_image(image)
-            media = self.processor.media(image=image, regions=self._one_region_set(mask_prompts))
+            regions = self._one_region_set(mask_prompts)
+            if points is not None or boxes is not None:
+                found = self.region_masks(image, points, boxes)
+                regions = found if regions is None else np.concatenate([np.asarray(regions, bool), found])
+            media = self.processor.media(image=image, regions=regions)
             keys = []
         else:
             video = video if isinstance(video, data.Video) else data.Video(video)
@@ -259,6 +265,57 @@ class Sa2VA:
             fed = g.tokens[:-1]  # generation never feeds back its last token
             rows = [i for i, t in enumerate(fed) if t == self.cfg.seg_token_id]
             out.append((g.tokens, self.model.text_hidden_fcs(g.hidden[rows])))
+        return out
+
+    @torch.inference_mode()
+    def region_masks(self, image, points=None, boxes=None) -> np.ndarray:
+        """Visual prompts as region masks (n, H, W) bool, through SAM-2's own prompt encoder and
+        mask decoder on the image (SAM2ImagePredictor's steps): one region per point (x, y),
+        the best of SAM's 3 masks, then one per box (x0, y0, x1, y1), its single mask; in the
+        image's pixels. The image is resized for SAM-2 as for the [SEG] masks (PIL bicubic)."""
+        if self.cfg.sam2 is None:
+            raise ValueError("point and box prompts need SAM-2; this model has none")
+        image = data.load_image(image)
+        W, H = image.size
+        pts = self._coords(points, 2, "point", (W, H))
+        bxs = self._coords(boxes, 4, "box", (W, H))
+        if not len(pts) and not len(bxs):
+            raise ValueError("give at least one point (x, y) or box (x0, y0, x1, y1)")
+        bridge, S = self.model.grounding, self.cfg.sam2.image_size
+        feats = bridge.image_features(bridge.normalize(data.sam2_frames([image], S).to(self.device)))
+        scale = torch.tensor([S / W, S / H], device=self.device)  # SAM2Transforms.transform_coords
+        logits = []
+        if len(pts):
+            xy = torch.tensor(pts, dtype=torch.float32, device=self.device) * scale
+            logits.append(bridge.decode_with_points(feats, xy[:, None], torch.ones(len(pts), 1, device=self.device),
+                                                    multimask=True))
+        if len(bxs):
+            xyxy = torch.tensor(bxs, dtype=torch.float32, device=self.device) * scale.repeat(2)
+            logits.append(bridge.decode_with_points(feats, boxes=xyxy, multimask=False))
+        logits = torch.nn.functional.interpolate(torch.cat(logits), size=(H, W), mode="bilinear", align_corners=False)
+        return (logits[:, 0] > 0).cpu().numpy()  # SAM2Transforms.postprocess_masks, threshold 0
+
+    @staticmethod
+    def _coords(values, n: int, what: str, size: tuple[int, int]) -> list[tuple[float, ...]]:
+        """Points or boxes as a list of n-tuples inside the image; one line naming a bad one."""
+        if values is None:
+            return []
+        W, H = size
+        out = []
+        for v in values:
+            try:
+                v = tuple(float(c) for c in v)
+            except (TypeError, ValueError):
+                v = None
+            if v is None or len(v) != n or not all(np.isfinite(v)):
+                shape = "(x, y)" if n == 2 else "(x0, y0, x1, y1)"
+                raise ValueError(f"a {what} must be {n} numbers {shape} in image pixels; got {values!r}")
+            xs, ys = v[0::2], v[1::2]
+            if min(xs) < 0 or max(xs) > W or min(ys) < 0 or max(ys) > H:
+                raise ValueError(f"{what} {v} is outside the {W}x{H} image")
+            if n == 4 and (v[2] <= v[0] or v[3] <= v[1]):
+                raise ValueError(f"box {v} is empty; give (x0, y0, x1, y1) with x0 < x1 and y0 < y1")
+            out.append(v)
         return out
 
     @torch.inference_mode()
@@ -328,12 +385,15 @@ class Sa2VA:
     def predict(self, image=None, video=None, text: str = "", mask_prompts=None, answer: str | None = None,
                 history: Conversation | None = None, max_new_tokens: int = 2048, temperature: float = 0.0,
                 top_p: float = 1.0, seed: int | None = None, key_frames: str = "first",
-                num_key_frames: int = NUM_KEY_FRAMES, progress: bool = False) -> Prediction:
+                num_key_frames: int = NUM_KEY_FRAMES, progress: bool = False, points=None, boxes=None) -> Prediction:
         """Answer `text` about an image or a video and segment every `[SEG]` of the answer.
 
         text holds '<image>' where the visual tokens go. answer= skips generation and runs the
         given answer teacher-forced. history= continues a conversation (same image/video).
         key_frames: 'first' (official: the first num_key_frames frames) or 'uniform' (evenly spaced).
+        mask_prompts, points, boxes: `<vp>` regions of the image (region1, region2, ... in that
+        order); points and boxes become masks through SAM-2 (region_masks). The released models
+        were trained with mask regions only.
         """
         generation = self._generation(max_new_tokens, temperature, top_p, seed)  # checked before any work
         if history is not None and not isinstance(history, Conversation):
@@ -344,9 +404,9 @@ class Sa2VA:
         if history is not None and history.text and (image is not None or video is not None):
             raise ValueError("a follow-up turn reuses the conversation's image or video; start a new conversation for new media")
         if image is not None or video is not None:
-            conv = self.encode_media(image, video, mask_prompts, key_frames, num_key_frames)
-        elif mask_prompts is not None:
-            raise ValueError("mask_prompts (<vp> regions) need an image and an InternVL-family model")
+            conv = self.encode_media(image, video, mask_prompts, key_frames, num_key_frames, points, boxes)
+        elif mask_prompts is not None or points is not None or boxes is not None:
+            raise ValueError("mask_prompts, points and boxes (<vp> regions) need an image and an InternVL-family model")
         else:
             conv = history if history is not None else Conversation()
         inputs, samples = self.build_inputs([conv], [text], None if answer is None else [answer])
@@ -562,6 +622,10 @@ class ChatOptions:
                                       "the same image or video are batched, and all their objects segmented together")
     gcg: bool = arg(False, "also ask the official grounded-caption question (phrases with a mask each)")
     answer: tuple[str, ...] = arg((), "skip generation and segment this answer (teacher-forced); one per question")
+    point: tuple[str, ...] = arg((), "a <vp> region from a click at X,Y (image pixels), through SAM-2; repeatable: "
+                                     "region1, region2, ... (InternVL family, --image)", metavar="X,Y")
+    box: tuple[str, ...] = arg((), "a <vp> region from the box X0,Y0,X1,Y1 (image pixels), through SAM-2; repeatable, "
+                                   "numbered after the points", metavar="X0,Y0,X1,Y1")
     out: str | None = arg(None, "folder for masks, palette PNGs, overlay and result.json")
     device: str | None = arg(None, "cuda, mps or cpu (default: best available)")
     dtype: str | None = arg(None, "bf16, fp16 or fp32 (default: bf16 on GPU and on CPUs with AMX or AVX512-BF16, "
@@ -595,6 +659,12 @@ def chat(opts: ChatOptions):
         raise ValueError("several questions are batched about one image or video; give --image or --video")
     if opts.key_frames < 1:
         raise ValueError(f"--key-frames must be at least 1, got {opts.key_frames}")
+    points = [_numbers(p, 2, "--point", "X,Y") for p in opts.point] or None
+    boxes = [_numbers(b, 4, "--box", "X0,Y0,X1,Y1") for b in opts.box] or None
+    if (points or boxes) and not opts.image:
+        raise ValueError("--point and --box mark regions of an image; give --image")
+    if (points or boxes) and len(prompts) > 1:
+        raise ValueError("--point and --box go with one question; ask the others in separate runs")
     image = data.load_image(opts.image, f"--image {opts.image}") if opts.image else None
     video = data.Video(opts.video) if opts.video else None
     GenerationConfig(max_new_tokens=opts.max_new_tokens)  # a bad value fails now, not after loading
@@ -605,7 +675,7 @@ def chat(opts: ChatOptions):
     frames = dict(key_frames=opts.key_frame_mode, num_key_frames=opts.key_frames)
     if len(prompts) == 1:
         preds = [model.predict(image=image, video=video, text=prompts[0], answer=answers and answers[0],
-                               max_new_tokens=opts.max_new_tokens, progress=True, **frames)]
+                               max_new_tokens=opts.max_new_tokens, progress=True, points=points, boxes=boxes, **frames)]
     else:  # one batch, one encoding of the media, one SAM-2 pass for every object
         preds = model.predict_batch([image] * len(prompts) if image else None, prompts, answers, opts.max_new_tokens,
                                     videos=[video] * len(prompts) if video else None, **frames)
@@ -618,6 +688,16 @@ def chat(opts: ChatOptions):
     if opts.out:
         write_outputs(opts.out, preds, image=preds[0].history.image, video=preds[0].history.video, prompts=prompts)
         print(f"wrote {opts.out}")
+
+
+def _numbers(text: str, n: int, flag: str, form: str) -> tuple[float, ...]:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != n:
+        raise ValueError(f"{flag} {text!r} is not {form} ({n} numbers separated by commas)")
+    return values
 
 
 def main(argv=None):

@@ -242,6 +242,38 @@ class SAM2Bridge(nn.Module):
         pix = feats.embed + self.sam2.no_mem_embed.reshape(1, d, 1, 1)  # directly_add_no_mem_embed
         return self._decode(pix, feats, prompts.to(pix.dtype))
 
+    def decode_with_points(self, features: Features, points: Tensor | None = None, labels: Tensor | None = None,
+                           boxes: Tensor | None = None, multimask: bool = True) -> Tensor:
+        """SAM-2's own prompts on one frame, as SAM2ImagePredictor._predict: N prompts of points
+        (N, P, 2) with labels (N, P) (1 foreground, 0 background) and/or boxes (N, 4) as (x0, y0,
+        x1, y1), in the S x S input's pixels -> (N, 1, 4g, 4g) fp32 logits: the best of the 3 masks
+        by predicted IoU with multimask, else the single-mask output (with the decoder's
+        stability fallback)."""
+        d = self.cfg.d_model
+        if len(features) != 1:
+            raise ValueError(f"point and box prompts decode on one frame; got features of {len(features)}")
+        coords, kinds = [], []
+        if boxes is not None:  # a box is two corner points, labels 2 and 3, before any clicks
+            coords.append(boxes.reshape(-1, 2, 2))
+            kinds.append(torch.tensor([[2, 3]], dtype=torch.int, device=boxes.device).expand(len(boxes), 2))
+        if points is not None:
+            coords.append(points)
+            kinds.append(labels.to(torch.int))
+        if not coords:
+            raise ValueError("give points or boxes to decode")
+        coords = torch.cat(coords, dim=1).to(self._param.device, torch.float32)
+        kinds = torch.cat(kinds, dim=1).to(self._param.device)
+        n, g = len(coords), self.cfg.grid
+        pix = features.embed + self.sam2.no_mem_embed.reshape(1, d, 1, 1)  # directly_add_no_mem_embed
+        sparse = self._embed_points(coords, kinds).to(pix.dtype)
+        dense = self.sam2.sam_prompt_encoder.no_mask_embed.weight.reshape(1, d, 1, 1).expand(n, d, g, g)
+        masks, ious, _, _ = self.sam2.sam_mask_decoder(
+            image_embeddings=pix, image_pe=self._dense_pe(pix.dtype), sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense, multimask_output=multimask, repeat_image=n > 1,
+            high_res_features=[features.s0, features.s1])
+        best = ious.argmax(dim=-1)
+        return masks[torch.arange(n, device=masks.device), best][:, None].float()
+
     def postprocess(self, logits: Tensor, size: tuple[int, int]) -> Tensor:
         """(T, 1, 4g, 4g) low-res logits -> (T, H, W) bool masks.
 
@@ -351,6 +383,24 @@ class SAM2Bridge(nn.Module):
                                  "produce frames with normalize()")
             return x
         return get_frame, num_frames
+
+    def _embed_points(self, coords: Tensor, labels: Tensor) -> Tensor:
+        # PromptEncoder._embed_points, with the random-feature encoding in fp32 (as _dense_pe) so
+        # that a bf16 module works outside autocast: (N, P, 2) input pixels -> (N, P[+1], d).
+        enc = self.sam2.sam_prompt_encoder
+        coords = coords.float() + 0.5  # pixel centres
+        # one padding point: PromptEncoder.forward pads whenever boxes=None, which is how SAM-2
+        # calls it (a box comes as two corner points)
+        coords = torch.cat([coords, torch.zeros_like(coords[:, :1])], dim=1)
+        labels = torch.cat([labels, -torch.ones_like(labels[:, :1])], dim=1)
+        gauss = enc.pe_layer.positional_encoding_gaussian_matrix.float()
+        proj = (2 * math.pi) * ((2 * coords / self.cfg.image_size - 1) @ gauss)
+        pe = torch.cat([proj.sin(), proj.cos()], dim=-1)
+        pe = torch.where((labels == -1)[..., None], torch.zeros_like(pe), pe)
+        table = [enc.not_a_point_embed.weight] + [e.weight for e in enc.point_embeddings]  # labels -1, 0, 1, 2, 3
+        for label, weight in zip(range(-1, 4), table):
+            pe = pe + (labels == label)[..., None] * weight.float()
+        return pe
 
     def _dense_pe(self, dtype: torch.dtype) -> Tensor:
         # PromptEncoder.get_dense_pe() multiplies an fp32 grid by the stored Gaussian matrix and so

@@ -211,6 +211,11 @@ CHAT_CASES = [
     ("max new tokens zero", lambda e, t: chat(e, t, "--max-new-tokens", "0"), r"max_new_tokens must be a whole number >= 1"),
     ("max new tokens negative", lambda e, t: chat(e, t, "--max-new-tokens", "-4"), r"max_new_tokens must be a whole number >= 1, got -4"),
     ("max new tokens fractional", lambda e, t: chat(e, t, "--max-new-tokens", "1.5"), r"argument --max-new-tokens: invalid int value"),
+    ("point not X,Y", lambda e, t: chat(e, t, "--point", "3;4"), r"--point '3;4' is not X,Y \(2 numbers separated by commas\)"),
+    ("box of three numbers", lambda e, t: chat(e, t, "--box", "1,2,3"), r"--box '1,2,3' is not X0,Y0,X1,Y1"),
+    ("point on a video", lambda e, t: chat(e, t, "--point", "3,4", image=False) + ["--video", e.image],
+     r"--point and --box mark regions of an image; give --image"),
+    ("point outside (CLI)", lambda e, t: chat(e, t, "--point", "500,4"), r"point \(500.0, 4.0\) is outside the"),
     ("key frame mode unknown", lambda e, t: chat(e, t, "--key-frame-mode", "random"), r"argument --key-frame-mode: invalid choice"),
     ("key frames zero", lambda e, t: chat(e, t, "--key-frames", "0"), r"--key-frames must be at least 1, got 0"),
     ("key frames not a number", lambda e, t: chat(e, t, "--key-frames", "all"), r"argument --key-frames: invalid int value"),
@@ -303,6 +308,10 @@ def _vp(model, regions):
     return model.predict(image=frames(1)[0], text="<image>\nWhat is region1?", mask_prompts=[regions], answer="A [SEG].")
 
 
+def _pts(model, points=None, boxes=None):
+    return model.predict(image=frames(1)[0], text="<image>\nWhat is region1?", points=points, boxes=boxes, answer="A.")
+
+
 def _region(y0, y1, x0, x1):
     m = np.zeros((1, H, W), bool)
     m[0, y0:y1, x0:x1] = True
@@ -343,6 +352,17 @@ API_CASES = [
     ("vp on a Qwen model", lambda e: _vp(e.qwen_model, _region(0, 60, 0, 60)), r"need an image and an InternVL-family model"),
     ("vp on a video", lambda e: e.model.predict(video=frames(2), text="<image>", mask_prompts=[_region(0, 9, 0, 9)]),
      r"need an image and an InternVL-family model"),
+    ("point outside the image", lambda e: _pts(e.model, points=[(10, 95)]), r"point \(10.0, 95.0\) is outside the 130x90 image"),
+    ("point of three numbers", lambda e: _pts(e.model, points=[(1, 2, 3)]), r"a point must be 2 numbers \(x, y\) in image pixels"),
+    ("point not numbers", lambda e: _pts(e.model, points=["here"]), r"a point must be 2 numbers"),
+    ("point NaN", lambda e: _pts(e.model, points=[(float("nan"), 3)]), r"a point must be 2 numbers"),
+    ("box empty", lambda e: _pts(e.model, boxes=[(50, 10, 20, 40)]), r"box \(50.0, 10.0, 20.0, 40.0\) is empty"),
+    ("box outside the image", lambda e: _pts(e.model, boxes=[(0, 0, 200, 40)]), r"is outside the 130x90 image"),
+    ("points on a Qwen model", lambda e: _pts(e.qwen_model, points=[(3, 3)]), r"need an image and an InternVL-family model"),
+    ("points without media", lambda e: e.model.predict(text="hi", points=[(3, 3)], answer="x"),
+     r"need an image and an InternVL-family model"),
+    ("no points and no boxes", lambda e: e.model.region_masks(frames(1)[0], points=[], boxes=[]),
+     r"give at least one point \(x, y\) or box"),
     ("key frames unknown", lambda e: e.model.predict(video=frames(2), text="<image>", answer="x", key_frames="random"),
      r"unknown key-frame mode 'random'"),
     ("video frames of two sizes", lambda e: e.model.predict(video=[frames(1)[0], frames(1)[0][:40]], text="<image>", answer="x"),

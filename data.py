@@ -419,7 +419,9 @@ class Video:
         if self._list is not None:
             im = load_image(self._list[t], f"frame {t}")
         else:
-            if self._decoder is None or t < self._next:
+            if self._decoder is None or t < self._next:  # (re)start at the first frame
+                if self._decoder is not None:
+                    self._container.close()
                 self._container = self._open()
                 self._decoder, self._next = self._container.decode(video=0), 0
             while True:

@@ -28,6 +28,7 @@ import json
 import os
 import re
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import av
@@ -331,17 +332,20 @@ class Sa2VA:
             queries = torch.stack([torch.arange(len(prompts)), torch.zeros(len(prompts), dtype=torch.long)], -1)
             logits = self.model.decode_masks(conv.media.sam2_frames.to(self.device), prompts, queries.to(self.device))
             return [m[None] for m in bridge.postprocess(logits, (H, W)).cpu().numpy()]
-        if not self.cfg.video_memory:  # every frame decoded with the prompts alone, as the model was trained
-            T = len(conv.video)
-            masks = np.zeros((prompts.shape[0], T, H, W), dtype=bool)
-            queries = torch.stack([torch.arange(len(prompts)), torch.zeros(len(prompts), dtype=torch.long)], -1)
-            steps = tqdm(range(T), desc="SAM-2 frames", unit="frame") if progress else range(T)
-            for t in steps:
-                logits = self.model.decode_masks(self._sam2_frame(conv, t)[None].to(self.device), prompts,
-                                                 queries.to(self.device))
-                masks[:, t] = bridge.postprocess(logits, (H, W)).cpu().numpy()
-            return list(masks)
-        return self._track([(conv, prompts)], progress)[0]
+        session = VideoSession(self, conv)
+        session.add(prompts)
+        masks = np.zeros((prompts.shape[0], len(conv.video), H, W), dtype=bool)
+        steps = session.frames()
+        if progress:
+            steps = tqdm(steps, total=len(conv.video), desc="SAM-2 frames", unit="frame")
+        for t, frame_masks in steps:
+            masks[:, t] = frame_masks
+        return list(masks)
+
+    def open_video(self, video, key_frames: str = "first", num_key_frames: int = NUM_KEY_FRAMES) -> "VideoSession":
+        """A VideoSession on a video (file, frame folder or list of frames): ask questions, add
+        objects, and iterate over the frames as their masks are tracked."""
+        return VideoSession(self, self.encode_media(video=video, key_frames=key_frames, num_key_frames=num_key_frames))
 
     def _sam2_frame(self, conv: Conversation, t: int) -> torch.Tensor:
         """Frame t of the conversation's video, uint8 (3, S, S): the key frames as the processor resized them."""
@@ -522,6 +526,114 @@ class Sa2VA:
             if text.endswith(w):
                 return text[: -len(w)]
         return text
+
+
+class VideoSession:
+    """A video to talk about and track, streamed, in the spirit of SAM-2's video predictor:
+
+        session = model.open_video("clip.mp4")                      # its key frames encoded
+        session.ask("<image>\nPlease segment the dog.")             # the answer's [SEG]s: objects 0, 1, ...
+        for t, masks in session.frames():                           # (t, (objects, H, W) bool) as tracked
+            if t == 99:
+                session.ask("And the cat?")                         # more objects, in the masks from frame 100
+        session.close()
+
+    Frames are decoded on demand and SAM-2's memory keeps only what later frames read, so memory
+    stays flat however long the video. An object added after frame N is first tracked alone over
+    frames 0..N-1 (read again), so from N on its masks are those of tracking it from the start with
+    the same key frames; then it joins the others in one batched pass. predict(video=...) is one
+    question and one sweep of this.
+    """
+
+    def __init__(self, api: Sa2VA, conv: Conversation):
+        if conv.video is None:
+            raise ValueError("a video session needs a video")
+        if api.cfg.sam2 is None:
+            raise ValueError("this model has no SAM-2; it cannot track objects")
+        self.api, self.history = api, conv  # history: the conversation so far
+        self.size = conv.media.size  # (W, H)
+        self.prompts = torch.zeros(0, api.cfg.seg_dim, device=api.device, dtype=api.dtype)  # every object's prompt
+        self.t = 0  # the next frame frames() gives
+        self._memory = None  # SAM-2's memory of all objects, up to frame t
+        self._stream = None  # its propagation from frame t
+        self.closed = False
+
+    def __len__(self) -> int:
+        return len(self.history.video)
+
+    def __enter__(self) -> "VideoSession":
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def ask(self, text: str, answer: str | None = None, max_new_tokens: int = 2048, temperature: float = 0.0,
+            top_p: float = 1.0, seed: int | None = None) -> Prediction:
+        """One turn about the video (its key frames); the answer's [SEG]s become new objects,
+        numbered after the ones already tracked. The Prediction's masks stay empty: frames() gives them."""
+        self._check_open()
+        api = self.api
+        generation = api._generation(max_new_tokens, temperature, top_p, seed)
+        inputs, samples = api.build_inputs([self.history], [text], None if answer is None else [answer])
+        (tokens, prompts), = api.run_llm(inputs, samples, [self.history], None if answer is not None else generation)
+        pred = api._finish(self.history, samples[0], tokens, prompts, teacher_forced=answer is not None)
+        self.history = pred.history
+        self.add(prompts)
+        return pred
+
+    @torch.inference_mode()
+    def add(self, prompts: torch.Tensor) -> None:
+        """Track more objects, given as SAM-2 prompts (N, seg_dim), from frame self.t on."""
+        self._check_open()
+        if not len(prompts):
+            return
+        prompts = prompts.to(self.api.device, self.api.dtype)
+        if self.api.cfg.video_memory:
+            bridge, conv = self.api.model.grounding, self.history
+            new = bridge.condition(self._frame, prompts, cond_frames=conv.key_frames, num_frames=len(self))
+            catch_up = bridge.propagate(self._frame, new)
+            for _ in range(self.t):
+                next(catch_up)
+            self._memory = new if self._memory is None else self._memory.merge(new)
+            self._stream = None
+        self.prompts = torch.cat([self.prompts, prompts])
+
+    @torch.inference_mode()
+    def frames(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(t, masks (objects, H, W) bool) for frame t = self.t, self.t + 1, ... to the end; objects
+        added between two frames are in the masks of the next."""
+        self._check_open()
+        bridge = self.api.model.grounding
+        W, H = self.size
+        while self.t < len(self):
+            t = self.t
+            if not len(self.prompts):
+                masks = np.zeros((0, H, W), dtype=bool)
+            elif self.api.cfg.video_memory:
+                if self._stream is None:
+                    self._stream = bridge.propagate(self._frame, self._memory, start=t)
+                _, logits = next(self._stream)
+                masks = bridge.postprocess(logits, (H, W)).cpu().numpy()
+            else:  # every frame decoded with the prompts alone, as the model was trained
+                n = len(self.prompts)
+                queries = torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)], -1).to(self.api.device)
+                frame = self.api._sam2_frame(self.history, t)[None].to(self.api.device)
+                masks = bridge.postprocess(self.api.model.decode_masks(frame, self.prompts, queries), (H, W)).cpu().numpy()
+            self.t = t + 1
+            yield t, masks
+
+    def close(self) -> None:
+        """Drop the memory and the decoder; the session answers no more."""
+        self._memory = self._stream = None
+        self.closed = True
+
+    def _frame(self, t: int) -> torch.Tensor:
+        x = self.api._sam2_frame(self.history, t)[None].to(self.api.device)
+        return self.api.model.grounding.normalize(x)[0]
+
+    def _check_open(self):
+        if self.closed:
+            raise ValueError("this video session is closed; open a new one with open_video()")
 
 
 # ----------------------------------------------------------------------------- outputs

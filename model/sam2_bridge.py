@@ -177,6 +177,26 @@ class VideoMemory:
     maskmem_pos: Tensor | None = None  # (1, mem_dim, g, g), the same for every frame
     owners: Tensor | None = None  # (N,) the video of each object when several share the pass
 
+    def merge(self, other: "VideoMemory") -> "VideoMemory":
+        """The objects of both memories (self's first) as one: the same video tracked to the same
+        frame, from the same conditioning frames. Objects are independent in SAM-2, so tracking
+        them together from here equals tracking each set alone."""
+        if (other.num_frames, sorted(other.cond), sorted(other.recent)) != (self.num_frames, sorted(self.cond),
+                                                                            sorted(self.recent)):
+            raise ValueError("these memories are not of the same video at the same frame with the same key frames")
+        if self.owners is not None or other.owners is not None:
+            raise ValueError("memories of several videos do not merge")
+
+        def cat(a: Tensor | None, b: Tensor | None) -> Tensor | None:
+            return None if a is None else torch.cat([a, b])
+
+        def both(a: FrameMemory, b: FrameMemory) -> FrameMemory:
+            return FrameMemory(cat(a.maskmem, b.maskmem), cat(a.obj_ptr, b.obj_ptr), cat(a.logits, b.logits))
+        return VideoMemory(self.num_frames, self.num_objects + other.num_objects, self.mem_window, self.ptr_window,
+                           cond={t: both(self.cond[t], other.cond[t]) for t in self.cond},
+                           recent={t: both(self.recent[t], other.recent[t]) for t in self.recent},
+                           maskmem_pos=self.maskmem_pos)
+
     def add_recent(self, t: int, entry: FrameMemory) -> None:
         """Store frame t's output and drop what frame t+1 and later can no longer read."""
         self.recent[t] = entry
@@ -331,12 +351,13 @@ class SAM2Bridge(nn.Module):
         return memory
 
     @torch.no_grad()
-    def propagate(self, frames: Frames, memory: VideoMemory) -> Iterator[tuple[int, Tensor]]:
-        """Forward sweep: conditioning frames give their stored logits, the others are tracked."""
+    def propagate(self, frames: Frames, memory: VideoMemory, start: int = 0) -> Iterator[tuple[int, Tensor]]:
+        """Forward sweep from frame `start` (the memory holds frames before it): conditioning
+        frames give their stored logits, the others are tracked."""
         if self.training:
             raise ValueError("video tracking is inference-only; call .eval() first")
         get_frame, _ = self._frame_source(frames, memory.num_frames)
-        for t in range(memory.num_frames):
+        for t in range(start, memory.num_frames):
             if t in memory.cond:
                 yield t, memory.cond[t].logits
                 continue

@@ -345,6 +345,80 @@ def test_predict_batch_equals_one_by_one(model):
         model.predict_batch(images[:2], texts[:3])
 
 
+def test_video_session_adds_objects_as_if_tracked_from_the_start(model):
+    """Objects added after frame 5 have, from frame 6 on, the masks of tracking them from frame 0
+    (same key frames, same conversation); the first object is untouched; predict() agrees."""
+    video, q1, q2 = frames(12), "<image>\nPlease segment the stripes.", "And the rest?"
+
+    def run(add_at: int):
+        session = model.open_video(video, key_frames="uniform", num_key_frames=3)
+        session.ask(q1, answer="Sure, [SEG].")
+        if add_at == 0:
+            session.ask(q2, answer="[SEG] and [SEG].")
+        out = {}
+        for t, masks in session.frames():
+            out[t] = masks
+            if t == add_at - 1:
+                assert session.ask(q2, answer="[SEG] and [SEG].").masks == []
+        session.close()
+        return out
+    late, early = run(add_at=6), run(add_at=0)
+    assert [late[t].shape[0] for t in range(12)] == [1] * 6 + [3] * 6
+    for t in range(12):
+        want = early[t] if t >= 6 else early[t][:1]
+        assert late[t].shape == want.shape == (late[t].shape[0], H, W)
+        assert (late[t] == want).mean() > 0.999, t  # batch 1 then 3 vs 3 throughout: rounding only
+    alone = model.predict(video=video, text=q1, answer="Sure, [SEG].", key_frames="uniform", num_key_frames=3)
+    assert np.array_equal(alone.masks[0], np.stack([early[t][0] for t in range(12)]))
+
+
+def test_video_session_refuses_when_closed_or_not_a_video(model):
+    session = model.open_video(frames(3))
+    assert [m.shape for _, m in session.frames()] == [(0, H, W)] * 3  # no objects yet: empty masks, nothing run
+    session.close()
+    with pytest.raises(ValueError, match="this video session is closed; open a new one"):
+        session.ask("<image>\nhi", answer="x")
+    with pytest.raises(ValueError, match="a video session needs a video"):
+        sa2va.VideoSession(model, model.encode_media(image=frames(1)[0]))
+
+
+@pytest.mark.slow
+def test_video_session_memory_is_flat_over_2000_frames(tmp_path):
+    """2,000 frames of a video file streamed through a session: SAM-2's memory holds a bounded
+    number of frames, the video keeps only its key frames, and the process's memory stops growing."""
+    root = tmp_path / "m"
+    debug_checkpoint(root / "official", "internvl")
+    convert.convert(str(root / "official"), str(root / "ours"))
+    model = sa2va.Sa2VA.from_pretrained(str(root / "ours"), dtype="fp32")
+    path = str(tmp_path / "long.mp4")
+    rng = np.random.default_rng(0)
+    with av.open(path, "w") as c:
+        stream = c.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        for _ in range(2000):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))):
+                c.mux(packet)
+        for packet in stream.encode():
+            c.mux(packet)
+    session = model.open_video(path)
+    session.ask("<image>\nPlease segment it.", answer="[SEG] and [SEG].")
+    rss, held = {}, []
+    for t, masks in session.frames():
+        assert masks.shape == (2, 48, 64)
+        if t % 100 == 99:
+            rss[t] = _rss_mb()
+            mem = session._memory
+            held.append((len(mem.cond), len(mem.recent), sum(r.maskmem is not None for r in mem.recent.values()),
+                         len(session.history.video._kept)))
+    assert set(held[1:]) == {(5, 15, 6, 5)}  # 5 key frames; 15 recent pointers, 6 of them with spatial memory
+    assert rss[1999] - rss[299] < 25, rss  # MB; a leak of one mask memory a frame would be ~3 MB here, a frame ~9
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
 def test_predict_batch_videos_in_one_sam2_pass(model, monkeypatch):
     """Videos of different lengths and an image in one batch: each request's masks equal predict()
     alone, and the objects of both videos (three) are tracked in one SAM-2 pass."""

@@ -48,6 +48,7 @@ import metrics
 import official_data
 from cli import arg, parse, run
 from model.config import NUM_KEY_FRAMES
+from model.sam2_bridge import ORIGINAL_SAM2_CONFIG
 
 # ----------------------------------------------------------------------------- options
 
@@ -74,6 +75,9 @@ class EvalOptions:
     device: str | None = arg(None, "cuda, mps or cpu (default: the best available; each torchrun rank its own GPU)")
     dtype: str | None = arg(None, "bf16 or fp32 (default: bf16 on GPU and on CPUs with AMX or AVX512-BF16, else fp32)")
     compile: bool = arg(False, "torch.compile the vision tower, decoding and SAM-2 (pays off on GPU)")
+    sam2_original: str | None = arg(None, "videos: propagate with Meta's original SAM-2 (sam2.1_hiera_large.pt), "
+                                          "the key frames still decoded by the model (Sa2VA-i; not the official protocol)")
+    sam2_original_config: str = arg(ORIGINAL_SAM2_CONFIG, "the hydra config of --sam2-original in the sam2 package")
 
 
 RESUMABLE = ("out", "batch_size", "device", "score", "compile")  # options a resumed run may change
@@ -640,6 +644,8 @@ def table(benchmark: str, split: str, result: dict) -> str:
 def evaluate(opts: EvalOptions):
     if opts.batch_size < 1 or opts.max_new_tokens < 1 or opts.key_frames < 1:
         raise ValueError("--batch-size, --max-new-tokens and --key-frames must be at least 1")
+    if opts.sam2_original and not os.path.isfile(opts.sam2_original):
+        raise ValueError(f"--sam2-original {opts.sam2_original} is not a file; give Meta's sam2.1_hiera_large.pt")
     bench = open_benchmark(opts)
     split = opts.split or "val"
     queries = bench.queries[:opts.limit] if opts.limit else bench.queries
@@ -703,6 +709,8 @@ def _run(opts: EvalOptions, bench, queries: list[Query], split: str, rank: int, 
         if device is None and torch.cuda.is_available() and world > 1:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
         model = Sa2VA.from_pretrained(opts.model, device=device, dtype=opts.dtype, compile=opts.compile)
+        if opts.sam2_original:
+            model.load_original_sam2(opts.sam2_original, opts.sam2_original_config)
         path = os.path.join(opts.out, f"predictions.rank{rank}.jsonl")
         _drop_cut_line(path)
         step = opts.batch_size if isinstance(bench, (RefCOCOBench, GCGBench, VQABench)) else 1
@@ -729,14 +737,16 @@ def _run(opts: EvalOptions, bench, queries: list[Query], split: str, rank: int, 
     summary = {"benchmark": opts.benchmark, "split": split, "metrics": result, "queries": len(queries),
                "model": opts.model, "checkpoint_sha256": checkpoint_hash(opts.model), "options": dataclasses.asdict(opts),
                "protocol": {"key_frame_mode": opts.key_frame_mode, "key_frames": opts.key_frames,
+                            "sam2_original": opts.sam2_original is not None,
                             "official": opts.key_frame_mode == "first" and opts.key_frames == NUM_KEY_FRAMES
-                            and opts.max_new_tokens == 2048 and not opts.limit},
+                            and opts.max_new_tokens == 2048 and not opts.limit and opts.sam2_original is None},
                "scoring_s": round(time.perf_counter() - t0, 3)}
     with open(os.path.join(opts.out, "results.json.tmp"), "w") as f:
         json.dump(summary, f, indent=1)
     os.replace(os.path.join(opts.out, "results.json.tmp"), os.path.join(opts.out, "results.json"))
     protocol = "official" if summary["protocol"]["official"] else (
         f"key frames {opts.key_frame_mode} x{opts.key_frames}, max {opts.max_new_tokens} new tokens"
+        + (", original SAM-2 propagation" if opts.sam2_original else "")
         + (f", first {opts.limit} queries" if opts.limit else ""))
     print(table(opts.benchmark, split, {**result, "protocol": protocol}))
     return summary

@@ -45,6 +45,7 @@ from model.checkpoint import load_model, parse_dtype
 from model.config import NUM_KEY_FRAMES
 from model.generate import GenerationConfig, decode_step, generate
 from model.sa2va import ModelInputs, Sa2VAModel, VisionOutput
+from model.sam2_bridge import ORIGINAL_SAM2_CONFIG, OriginalSAM2
 from model.tokenizer import Tokenizer
 
 
@@ -146,6 +147,7 @@ class Sa2VA:
         self._token = object()  # marks this model's conversations
         self.template = self.processor.template
         self.decode_step = decode_step  # compile() swaps in a compiled one
+        self.original_sam2: OriginalSAM2 | None = None  # load_original_sam2(): Sa2VA-i video propagation
         self.eos_ids = {tokenizer.eos_id} | {i for w in self.template.stop_words
                                              if (i := tokenizer.token_id_or_none(w)) is not None}
 
@@ -173,6 +175,20 @@ class Sa2VA:
         model.llm.fuse_projections()
         api = cls(model, tokenizer)
         return api.compile() if compile else api
+
+    def load_original_sam2(self, path: str, config: str = ORIGINAL_SAM2_CONFIG, overrides=()) -> "Sa2VA":
+        """Propagate video masks with Meta's original SAM-2 (`sam2.1_hiera_large.pt`, or a
+        .safetensors of its state; `config` names its hydra config in the sam2 package), as
+        Sa2VA-i does: the key frames are still decoded with this model's fine-tuned decoder and
+        the [SEG] prompts, and their masks seed Meta's own video predictor. Costs a second SAM-2
+        (its image encoder runs again on every frame). Returns self."""
+        if self.cfg.sam2 is None:
+            raise ValueError("this model has no SAM-2; there is no video propagation to replace")
+        if not os.path.isfile(path):
+            raise ValueError(f"original SAM-2 checkpoint {path} is not a file; give Meta's sam2.1_hiera_large.pt "
+                             "(or a .safetensors of its state)")
+        self.original_sam2 = OriginalSAM2(convert.read_meta_sam2(path), config, overrides, self.device, self.dtype)
+        return self
 
     def compile(self) -> "Sa2VA":
         """torch.compile the vision tower, the LLM decoding step (one static-shape graph; CUDA
@@ -483,9 +499,9 @@ class Sa2VA:
         for i, (conv, _) in enumerate(items):
             passes.setdefault(tuple(conv.key_frames), []).append(i)
         for members in passes.values():
-            if self.cfg.video_memory:
+            if self.cfg.video_memory and self.original_sam2 is None:
                 results = self._track([items[i] for i in members])
-            else:  # memory-less decoding has nothing to batch across videos
+            else:  # memory-less decoding, or Meta's predictor: one video at a time
                 results = [self.segment(*items[i]) for i in members]
             for i, masks in zip(members, results):
                 out[i] = masks
@@ -556,6 +572,7 @@ class VideoSession:
         self.t = 0  # the next frame frames() gives
         self._memory = None  # SAM-2's memory of all objects, up to frame t
         self._stream = None  # its propagation from frame t
+        self._trackers = []  # with the original SAM-2: one propagation per group of objects added
         self.closed = False
 
     def __len__(self) -> int:
@@ -588,7 +605,13 @@ class VideoSession:
         if not len(prompts):
             return
         prompts = prompts.to(self.api.device, self.api.dtype)
-        if self.api.cfg.video_memory:
+        if self.api.original_sam2 is not None:  # Sa2VA-i: fine-tuned key-frame masks, Meta's propagation
+            tracker = self.api.original_sam2.propagate(self._original_frame, len(self), self.size[::-1],
+                                                        self._key_frame_masks(prompts))
+            for _ in range(self.t):
+                next(tracker)
+            self._trackers.append(tracker)
+        elif self.api.cfg.video_memory:
             bridge, conv = self.api.model.grounding, self.history
             new = bridge.condition(self._frame, prompts, cond_frames=conv.key_frames, num_frames=len(self))
             catch_up = bridge.propagate(self._frame, new)
@@ -609,6 +632,8 @@ class VideoSession:
             t = self.t
             if not len(self.prompts):
                 masks = np.zeros((0, H, W), dtype=bool)
+            elif self._trackers:
+                masks = np.concatenate([next(tracker)[1].cpu().numpy() for tracker in self._trackers])
             elif self.api.cfg.video_memory:
                 if self._stream is None:
                     self._stream = bridge.propagate(self._frame, self._memory, start=t)
@@ -625,11 +650,29 @@ class VideoSession:
     def close(self) -> None:
         """Drop the memory and the decoder; the session answers no more."""
         self._memory = self._stream = None
+        self._trackers = []
         self.closed = True
 
     def _frame(self, t: int) -> torch.Tensor:
         x = self.api._sam2_frame(self.history, t)[None].to(self.api.device)
         return self.api.model.grounding.normalize(x)[0]
+
+    def _key_frame_masks(self, prompts: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Each key frame decoded with the prompts alone by the fine-tuned decoder -> {t: (N, H, W)
+        bool} at the video's size (Sa2VA-i: language_embd_inference, then one resize and > 0)."""
+        W, H = self.size
+        n = len(prompts)
+        queries = torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)], -1).to(self.api.device)
+        out = {}
+        for i, t in enumerate(self.history.key_frames):
+            frame = self.history.media.sam2_frames[i:i + 1].to(self.api.device)
+            logits = self.api.model.decode_masks(frame, prompts, queries)
+            out[t] = torch.nn.functional.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)[:, 0] > 0
+        return out
+
+    def _original_frame(self, t: int) -> torch.Tensor:
+        """Frame t for Meta's predictor: resized to its size (PIL bicubic, as its frame loader)."""
+        return data.sam2_frames([self.history.video.frame(t)], self.api.original_sam2.image_size)[0]
 
     def _check_open(self):
         if self.closed:
@@ -747,6 +790,9 @@ class ChatOptions:
     key_frames: int = arg(NUM_KEY_FRAMES, "video frames the MLLM sees and SAM-2 is conditioned on (official: 5)")
     key_frame_mode: str = arg("first", "which video frames are the key frames: the first ones (official) or evenly "
                                        "spaced", choices=data.KEY_FRAME_MODES)
+    sam2_original: str | None = arg(None, "video: propagate with Meta's original SAM-2 (sam2.1_hiera_large.pt or a "
+                                          ".safetensors of it), the key frames still decoded by the model (Sa2VA-i)")
+    sam2_original_config: str = arg(ORIGINAL_SAM2_CONFIG, "the hydra config of --sam2-original in the sam2 package")
     self_check: bool = arg(False, "run end to end on a tiny random checkpoint built on the fly")
 
 
@@ -777,10 +823,16 @@ def chat(opts: ChatOptions):
         raise ValueError("--point and --box mark regions of an image; give --image")
     if (points or boxes) and len(prompts) > 1:
         raise ValueError("--point and --box go with one question; ask the others in separate runs")
+    if opts.sam2_original and not opts.video:
+        raise ValueError("--sam2-original changes video propagation; give --video")
+    if opts.sam2_original and not os.path.isfile(opts.sam2_original):
+        raise ValueError(f"--sam2-original {opts.sam2_original} is not a file; give Meta's sam2.1_hiera_large.pt")
     image = data.load_image(opts.image, f"--image {opts.image}") if opts.image else None
     video = data.Video(opts.video) if opts.video else None
     GenerationConfig(max_new_tokens=opts.max_new_tokens)  # a bad value fails now, not after loading
     model = Sa2VA.from_pretrained(opts.model, device=opts.device, dtype=opts.dtype, compile=opts.compile)
+    if opts.sam2_original:
+        model.load_original_sam2(opts.sam2_original, opts.sam2_original_config)
     if image or video:
         prompts = [p if "<image>" in p else "<image>\n" + p for p in prompts]
     answers = list(opts.answer) or None

@@ -19,15 +19,20 @@ Deviations from the reference:
 """
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from hydra import compose
+from hydra.errors import HydraException
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
 from torch.overrides import TorchFunctionMode
 
-from model.config import BACKBONE_STRIDE, NUM_KEY_FRAMES, SAM2Config
+from model.config import BACKBONE_STRIDE, IMAGENET_MEAN, IMAGENET_STD, NUM_KEY_FRAMES, SAM2Config
 from sam2.modeling.backbones.hieradet import Hiera
 from sam2.modeling.backbones.image_encoder import FpnNeck, ImageEncoder
 from sam2.modeling.memory_attention import MemoryAttention, MemoryAttentionLayer
@@ -527,3 +532,93 @@ class SAM2Bridge(nn.Module):
         self.sam2.image_encoder.compile(**options)
         self.sam2.sam_mask_decoder.compile(**options)
         self.attend_memory = torch.compile(self.attend_memory, **options)
+
+
+# ----------------------------------------------------------------------------- Meta's SAM-2 for propagation
+
+ORIGINAL_SAM2_CONFIG = "configs/sam2.1/sam2.1_hiera_l.yaml"  # sam2.1_hiera_large.pt
+
+
+class _LazyFrames:
+    """inference_state["images"] read frame by frame (as SAM-2's asynchronous frame loader is)."""
+
+    def __init__(self, frames: Callable[[int], Tensor], num_frames: int):
+        self.frames, self.num_frames = frames, num_frames
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    def __getitem__(self, t: int) -> Tensor:
+        return self.frames(t)
+
+
+class OriginalSAM2:
+    """Meta's SAM-2 video predictor with its own released weights, tracking key-frame masks
+    through a video: Sa2VA-i's propagation with the original SAM-2 (kumuji/Sa2VA-i
+    modeling_sa2va_chat.py predict_forward -> sam2.py SAM2.train_postprocess: the fine-tuned
+    decoder's key-frame masks go in through add_new_mask, then propagate_in_video).
+
+    Built as sam2.build_sam.build_sam2_video_predictor builds it (the same hydra config and
+    post-processing overrides), from a state dict. Frames are read on demand, and each object's
+    outputs are dropped once no later frame reads them (upstream keeps every frame's), so memory
+    stays bounded. Runs under autocast when the dtype is not fp32, as upstream does."""
+
+    def __init__(self, state: dict[str, Tensor], config: str = ORIGINAL_SAM2_CONFIG, overrides: Sequence[str] = (),
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        overrides = ["++model._target_=sam2.sam2_video_predictor.SAM2VideoPredictor",
+                     "++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
+                     "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta=0.05",
+                     "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh=0.98",
+                     "++model.binarize_mask_from_pts_for_mem_enc=true", "++model.fill_hole_area=8", *overrides]
+        try:
+            cfg = compose(config_name=config, overrides=overrides)
+        except HydraException as e:
+            raise ValueError(f"SAM-2 config {config!r}: {' '.join(str(e).split())[:200]}") from None
+        OmegaConf.resolve(cfg)
+        with _LinspaceOnCPU():
+            model = instantiate(cfg.model, _recursive_=True)
+        missing, unexpected = set(model.state_dict()) - set(state), set(state) - set(model.state_dict())
+        if missing or unexpected:
+            raise ValueError(f"these weights are not a SAM-2 of {config}: {len(missing)} missing (e.g. "
+                             f"{sorted(missing)[:2]}), {len(unexpected)} unexpected (e.g. {sorted(unexpected)[:2]})")
+        model.load_state_dict(state)
+        self.predictor = model.to(device).eval()
+        self.dtype = dtype
+
+    @property
+    def image_size(self) -> int:
+        return self.predictor.image_size
+
+    @torch.inference_mode()
+    def propagate(self, frames: Callable[[int], Tensor], num_frames: int, size: tuple[int, int],
+                  key_masks: dict[int, Tensor]) -> Iterator[tuple[int, Tensor]]:
+        """frames(t): uint8 (3, S, S) frame t resized to this model's size; key_masks: {frame:
+        (N, H, W) bool} at the video's size (H, W) -> yields (t, (N, H, W) bool) from the first key
+        frame on."""
+        p, device = self.predictor, self.predictor.device
+        mean = torch.tensor(IMAGENET_MEAN, device=device)[:, None, None]
+        std = torch.tensor(IMAGENET_STD, device=device)[:, None, None]
+
+        def frame(t: int) -> Tensor:  # as SAM-2's frame loader: /255, then its mean and std
+            return (frames(t).to(device).float() / 255.0 - mean) / std
+        state = self._init_state(_LazyFrames(frame, num_frames), num_frames, size)
+        autocast = torch.autocast(device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        with autocast:
+            for t in sorted(key_masks):
+                for k, mask in enumerate(key_masks[t]):
+                    p.add_new_mask(state, t, k, mask)
+            keep = max(p.num_maskmem, p.max_obj_ptrs_in_encoder)  # what _prepare_memory_conditioned_features reads
+            for t, _, masks in p.propagate_in_video(state):
+                for out in state["output_dict_per_obj"].values():
+                    out["non_cond_frame_outputs"].pop(t - keep, None)
+                yield t, masks[:, 0] > 0
+
+    def _init_state(self, images, num_frames: int, size: tuple[int, int]) -> dict:
+        # SAM2VideoPredictor.init_state (sam2 1.1.0) with `images` given instead of read from a path
+        device = self.predictor.device
+        H, W = size
+        return {"images": images, "num_frames": num_frames, "offload_video_to_cpu": False,
+                "offload_state_to_cpu": False, "video_height": H, "video_width": W, "device": device,
+                "storage_device": device, "point_inputs_per_obj": {}, "mask_inputs_per_obj": {},
+                "cached_features": {}, "constants": {}, "obj_id_to_idx": OrderedDict(), "obj_idx_to_id": OrderedDict(), "obj_ids": [],
+                "output_dict_per_obj": {}, "temp_output_dict_per_obj": {}, "frames_tracked_per_obj": {}}

@@ -382,6 +382,81 @@ def test_video_session_refuses_when_closed_or_not_a_video(model):
         sa2va.VideoSession(model, model.encode_media(image=frames(1)[0]))
 
 
+ORIGINAL_TINY = ("configs/sam2.1/sam2.1_hiera_t.yaml", ["++model.image_size=128"])  # Hiera-T at 128 px
+
+
+@pytest.fixture(scope="module")
+def original_sam2(tmp_path_factory):
+    """A random Meta SAM-2.1 (Hiera-T at 128 px) written as Meta ships it (.pt) and as .safetensors."""
+    from safetensors.torch import save_file
+    from sam2.build_sam import build_sam2_video_predictor
+    torch.manual_seed(0)
+    model = build_sam2_video_predictor(ORIGINAL_TINY[0], device="cpu", hydra_overrides_extra=ORIGINAL_TINY[1])
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    for k, v in state.items():  # the init leaves some tables at zero; any weights will do
+        if v.dtype.is_floating_point and not v.any():
+            v.normal_(0, 0.02)
+    root = tmp_path_factory.mktemp("sam21")
+    torch.save({"model": state}, root / "sam2.1_hiera_tiny.pt")
+    save_file(state, str(root / "sam2.1_hiera_tiny.safetensors"))
+    return root
+
+
+def test_original_sam2_propagation_equals_sam2s_own_tracking(checkpoint, model, original_sam2, tmp_path):
+    """Sa2VA-i's path: key frames decoded by the fine-tuned decoder, their masks tracked by Meta's
+    SAM2VideoPredictor with its own weights. Equal to that predictor run by hand (init_state on
+    the JPEG folder, add_new_mask on every key frame, propagate_in_video); .pt and .safetensors alike;
+    an object added later equals tracking it from the start."""
+    if model.cfg.family != "internvl" or model.cfg.llm.arch != "qwen2":
+        pytest.skip("the SAM-2 side is the same for every family; checked once")
+    from sam2.build_sam import build_sam2_video_predictor
+    folder = tmp_path / "jpg"
+    folder.mkdir()
+    for t, f in enumerate(frames(7)):
+        Image.fromarray(f).save(folder / f"{t:05d}.jpg", quality=95)
+    text, answer = "<image>\nPlease segment both.", "[SEG] and [SEG]."
+    config, overrides = ORIGINAL_TINY
+    api = sa2va.Sa2VA.from_pretrained(checkpoint, dtype="fp32")
+    api.load_original_sam2(str(original_sam2 / "sam2.1_hiera_tiny.pt"), config, overrides)
+    got = api.predict(video=str(folder), text=text, answer=answer, key_frames="uniform", num_key_frames=3)
+    conv = api.encode_media(video=str(folder), key_frames="uniform", num_key_frames=3)
+    inputs, samples = api.build_inputs([conv], [text], [answer])
+    (_, prompts), = api.run_llm(inputs, samples, [conv], None)
+    key_masks = sa2va.VideoSession(api, conv)._key_frame_masks(prompts)
+    assert sorted(key_masks) == [0, 3, 6]
+    ref = build_sam2_video_predictor(config, str(original_sam2 / "sam2.1_hiera_tiny.pt"), device="cpu",
+                                     hydra_overrides_extra=overrides)
+    state = ref.init_state(str(folder))
+    for t, masks in key_masks.items():
+        for k, m in enumerate(masks):
+            ref.add_new_mask(state, t, k, m)
+    want = {t: (m[:, 0] > 0).numpy() for t, _, m in ref.propagate_in_video(state)}
+    assert sorted(want) == list(range(7))
+    for k in range(2):
+        got_k = got.masks[k]
+        want_k = np.stack([want[t][k] for t in range(7)])
+        assert (got_k == want_k).mean() > 0.999 and 0 < want_k.sum() < want_k.size, k  # JPEG loader rounding only
+    api.load_original_sam2(str(original_sam2 / "sam2.1_hiera_tiny.safetensors"), config, overrides)
+    again = api.predict(video=str(folder), text=text, answer=answer, key_frames="uniform", num_key_frames=3)
+    assert all(np.array_equal(a, b) for a, b in zip(got.masks, again.masks))
+    session = api.open_video(str(folder), key_frames="uniform", num_key_frames=3)
+    session.ask(text, answer="[SEG].")
+    late = {}
+    for t, masks in session.frames():
+        late[t] = masks
+        if t == 3:
+            session.ask("And the other?", answer="[SEG].")
+    early = api.open_video(str(folder), key_frames="uniform", num_key_frames=3)
+    early.ask(text, answer="[SEG].")
+    early.ask("And the other?", answer="[SEG].")
+    for t, masks in early.frames():
+        assert np.array_equal(late[t], masks if t > 3 else masks[:1]), t
+    with pytest.raises(ValueError, match="these weights are not a SAM-2 of configs/sam2.1/sam2.1_hiera_l.yaml"):
+        api.load_original_sam2(str(original_sam2 / "sam2.1_hiera_tiny.pt"))
+    with pytest.raises(ValueError, match="original SAM-2 checkpoint .*missing.pt is not a file"):
+        api.load_original_sam2(str(tmp_path / "missing.pt"))
+
+
 @pytest.mark.slow
 def test_video_session_memory_is_flat_over_2000_frames(tmp_path):
     """2,000 frames of a video file streamed through a session: SAM-2's memory holds a bounded

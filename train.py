@@ -87,10 +87,6 @@ class TrainConfig:
     micro_batch_size: int = arg(1, "samples per forward pass of a process")
     lr: float = arg(4e-5, "peak learning rate")
     weight_decay: float = arg(0.05, "AdamW weight decay (all trained parameters)")
-    sam2_frozen_steps: int = arg(0, "SAM-2 learns only after this many steps (a model from scratch: the [SEG] "
-                                    "prompts must differ before its decoder learns to read them; see README)")
-    seg_lr_scale: float = arg(1.0, "learning-rate multiplier of text_hidden_fcs, the [SEG] projection (a model "
-                                   "from scratch needs its prompts to move faster than SAM-2's decoder; see README)")
     warmup_ratio: float = arg(0.05, "share of the steps with a linear warm-up")
     max_grad_norm: float = arg(1.0, "gradient clipping")
     lora_r: int = arg(128, "LoRA rank")
@@ -464,13 +460,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
     del state
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    seg = {id(p) for p in model.text_hidden_fcs.parameters()}
-    sam = {id(p) for p in model.grounding.parameters()}
-    groups = [{"params": [p for p in params if id(p) not in seg | sam], "lr_scale": 1.0, "sam2": False},
-              {"params": [p for p in params if id(p) in seg], "lr_scale": cfg.seg_lr_scale, "sam2": False},
-              {"params": [p for p in params if id(p) in sam], "lr_scale": 1.0, "sam2": True}]
-    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(0.9, 0.999),
-                                  weight_decay=cfg.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
     start = 0
     found = checkpoints(cfg.out) if resuming else []
@@ -502,8 +492,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
             for group in optimizer.param_groups:
-                frozen = group["sam2"] and step < cfg.sam2_frozen_steps
-                group["lr"] = 0.0 if frozen else lr_at(step, cfg) * group["lr_scale"]
+                group["lr"] = lr_at(step, cfg)
             totals = torch.zeros(6, dtype=torch.float64)  # loss, lm, mask, dice, tokens, skipped
             for a in range(accum):
                 keys, items = next(batches)

@@ -137,10 +137,18 @@ def test_demo_page_segments_an_uploaded_image(served):
         said = browser.wait(f"(() => {{ const t = document.querySelector('#image-text textarea');"
                             f" return t && t.value === {json.dumps(ANSWER)} ? t.value : null; }})()", what="the answer")
         assert said == ANSWER
-        box = json.loads(browser.wait("(() => { const i = document.querySelector('#image-overlay img');"
-                                      " return i && i.complete && i.naturalWidth ? JSON.stringify({...i.getBoundingClientRect().toJSON(),"
-                                      " nw: i.naturalWidth, nh: i.naturalHeight}) : null; })()", what="the overlay"))
-        shot = browser.send("Page.captureScreenshot", {"format": "png"}, page=True)["data"]
+        where = ("(() => { const i = document.querySelector('#image-overlay img');"
+                 " return i && i.complete && i.naturalWidth ? JSON.stringify({...i.getBoundingClientRect().toJSON(),"
+                 " nw: i.naturalWidth, nh: i.naturalHeight}) : null; })()")
+        browser.wait(where, what="the overlay")
+        shots = []  # until two screenshots in a row agree: the page has finished fading the image in
+        for _ in range(40):
+            time.sleep(0.25)
+            shots.append(browser.send("Page.captureScreenshot", {"format": "png"}, page=True)["data"])
+            if len(shots) > 1 and shots[-1] == shots[-2]:
+                break
+        shot = shots[-1]
+        box = json.loads(browser.js(where))  # where the image is, in the screenshot that settled
     finally:
         browser.close()
     screen = Image.open(io.BytesIO(base64.b64decode(shot))).convert("RGB")

@@ -1,7 +1,8 @@
 """Chat with Sa2VA and segment what it talks about, in images and videos.
 
     python sa2va.py --model DIR --image cat.jpg --prompt "Please segment the cat." --out out/
-    python sa2va.py --model DIR --video clip.mp4 --prompt "Please segment the running dog."
+    python sa2va.py --model DIR --video clip.mp4 --prompt "Please segment the running dog." --prompt "And the cat?"
+    python sa2va.py --model DIR --image cat.jpg --prompt "What is region1?" --point 120,80
     python sa2va.py --self-check            # tiny random model, end to end (no checkpoint needed)
 
 Python:
@@ -21,7 +22,9 @@ processing, greedy generation, `[SEG]` hidden states -> text_hidden_fcs -> SAM-2
 propagation. Additions: teacher-forced answers (`answer=`, through the model's forward),
 evenly spaced key frames for video, all objects of a video tracked in one batched SAM-2 pass,
 conversation state kept for follow-up turns, batched image and video requests, a static-shape
-decoding step that compiles (`compile=True`), and bf16 by default on CPUs with bf16 units.
+decoding step that compiles (`compile=True`), bf16 by default on CPUs with bf16 units, points
+and boxes as `<vp>` regions (through SAM-2), a streamed video session that takes objects while
+it runs (`open_video`), and Sa2VA-i's propagation with Meta's original SAM-2 (`load_original_sam2`).
 """
 import dataclasses
 import json

@@ -11,7 +11,8 @@ argparse generated from a config dataclass, one-line errors, and result folders 
 
 Each field becomes `--field-name` (or a positional argument) typed by its annotation: str, int,
 float, bool (a flag; `--no-x` when the default is True), `X | None`, or `tuple[X, ...]` (a
-repeatable option: `--prompt a --prompt b` -> ("a", "b"); default ()); `choices` restricts the values. The parsed values come back as an instance of the dataclass.
+repeatable option: `--prompt a --prompt b` -> ("a", "b"); default ()); `choices` restricts the
+values. The parsed values come back as an instance of the dataclass.
 """
 import argparse
 import contextlib

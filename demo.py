@@ -54,14 +54,14 @@ def _boxes(text: str) -> list[tuple[float, ...]] | None:
     for part in (text or "").replace(";", "\n").splitlines():
         if part.strip():
             try:
-                boxes.append(sa2va._numbers(part.strip(), 4, "box", "X0,Y0,X1,Y1"))
+                boxes.append(sa2va.parse_numbers(part.strip(), 4, "box", "X0,Y0,X1,Y1"))
             except ValueError as e:
                 raise gr.Error(str(e))
     return boxes or None
 
 
-def _zip(pred: sa2va.Prediction, image=None, video=None) -> str:
-    """The masks as sa2va.py --out writes them, zipped for download."""
+def _write(pred: sa2va.Prediction, image=None, video=None) -> tuple[str, str]:
+    """The outputs as sa2va.py --out writes them: (their folder, a zip of it for download)."""
     tmp = tempfile.mkdtemp(prefix="sa2va-demo-")
     folder = os.path.join(tmp, "masks")
     sa2va.write_outputs(folder, pred, image=image, video=video)
@@ -70,24 +70,24 @@ def _zip(pred: sa2va.Prediction, image=None, video=None) -> str:
         for root, _, files in os.walk(folder):
             for name in sorted(files):
                 z.write(os.path.join(root, name), os.path.relpath(os.path.join(root, name), folder))
-    return path
+    return folder, path
 
 
 def build(model: sa2va.Sa2VA, max_new_tokens: int = 512) -> "gr.Blocks":
     def segment_image(image, question, mode, answer, points, boxes):
         if image is None:
             raise gr.Error("Upload an image first.")
-        if mode == MODES[2] and not points and not _boxes(boxes):
-            raise gr.Error("Click the image (or give a box) to mark region1, region2, ...")
         visual = mode == MODES[2]
+        points, boxes = (points or None, _boxes(boxes)) if visual else (None, None)
+        if visual and not points and not boxes:
+            raise gr.Error("Click the image (or give a box) to mark region1, region2, ...")
         try:
             pred = model.predict(image=image, text=_question(question, mode), answer=answer or None,
-                                 max_new_tokens=max_new_tokens, points=(points or None) if visual else None,
-                                 boxes=_boxes(boxes) if visual else None)
+                                 max_new_tokens=max_new_tokens, points=points, boxes=boxes)
         except ValueError as e:
             raise gr.Error(str(e))
         shown = sa2va.overlay(np.asarray(pred.history.image), [m[0] for m in pred.masks])
-        return shown, pred.text, _zip(pred, image=pred.history.image)
+        return shown, pred.text, _write(pred, image=pred.history.image)[1]
 
     def segment_video(video, question, mode, key_frames):
         if not video:
@@ -95,12 +95,10 @@ def build(model: sa2va.Sa2VA, max_new_tokens: int = 512) -> "gr.Blocks":
         try:
             pred = model.predict(video=video, text=_question(question, mode), max_new_tokens=max_new_tokens,
                                  num_key_frames=int(key_frames))
-            archive = _zip(pred, video=pred.history.video)
+            folder, archive = _write(pred, video=pred.history.video)
         except ValueError as e:
             raise gr.Error(str(e))
-        with zipfile.ZipFile(archive) as z:  # the overlay video the zip holds, for the player
-            shown = z.extract("overlay.mp4", os.path.dirname(archive))
-        return shown, pred.text, archive
+        return os.path.join(folder, "overlay.mp4"), pred.text, archive
 
     def click(points, evt: gr.SelectData):
         points = (points or []) + [tuple(float(v) for v in evt.index)]

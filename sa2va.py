@@ -348,8 +348,7 @@ class Sa2VA:
         W, H = conv.media.size
         prompts = prompts.to(self.dtype)
         if conv.image is not None:
-            queries = torch.stack([torch.arange(len(prompts)), torch.zeros(len(prompts), dtype=torch.long)], -1)
-            logits = self.model.decode_masks(conv.media.sam2_frames.to(self.device), prompts, queries.to(self.device))
+            logits = self._decode_frame(conv.media.sam2_frames[0], prompts)
             return [m[None] for m in bridge.postprocess(logits, (H, W)).cpu().numpy()]
         session = VideoSession(self, conv)
         session.add(prompts)
@@ -360,6 +359,12 @@ class Sa2VA:
         for t, frame_masks in steps:
             masks[:, t] = frame_masks
         return list(masks)
+
+    def _decode_frame(self, frame: torch.Tensor, prompts: torch.Tensor) -> torch.Tensor:
+        """Every prompt (N, seg_dim) on one uint8 SAM-2 frame (3, S, S), without memory -> (N, 1, 4g, 4g) logits."""
+        n = len(prompts)
+        queries = torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)], -1).to(self.device)
+        return self.model.decode_masks(frame[None].to(self.device), prompts, queries)
 
     def open_video(self, video, key_frames: str = "first", num_key_frames: int = NUM_KEY_FRAMES) -> "VideoSession":
         """A VideoSession on a video (file, frame folder or list of frames): ask questions, add
@@ -643,10 +648,8 @@ class VideoSession:
                 _, logits = next(self._stream)
                 masks = bridge.postprocess(logits, (H, W)).cpu().numpy()
             else:  # every frame decoded with the prompts alone, as the model was trained
-                n = len(self.prompts)
-                queries = torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)], -1).to(self.api.device)
-                frame = self.api._sam2_frame(self.history, t)[None].to(self.api.device)
-                masks = bridge.postprocess(self.api.model.decode_masks(frame, self.prompts, queries), (H, W)).cpu().numpy()
+                logits = self.api._decode_frame(self.api._sam2_frame(self.history, t), self.prompts)
+                masks = bridge.postprocess(logits, (H, W)).cpu().numpy()
             self.t = t + 1
             yield t, masks
 
@@ -664,12 +667,9 @@ class VideoSession:
         """Each key frame decoded with the prompts alone by the fine-tuned decoder -> {t: (N, H, W)
         bool} at the video's size (Sa2VA-i: language_embd_inference, then one resize and > 0)."""
         W, H = self.size
-        n = len(prompts)
-        queries = torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long)], -1).to(self.api.device)
         out = {}
         for i, t in enumerate(self.history.key_frames):
-            frame = self.history.media.sam2_frames[i:i + 1].to(self.api.device)
-            logits = self.api.model.decode_masks(frame, prompts, queries)
+            logits = self.api._decode_frame(self.history.media.sam2_frames[i], prompts)
             out[t] = torch.nn.functional.interpolate(logits, size=(H, W), mode="bilinear", align_corners=False)[:, 0] > 0
         return out
 
@@ -710,6 +710,9 @@ def davis_palette() -> list[int]:
     return palette
 
 
+DAVIS_PALETTE = davis_palette()
+
+
 def palette_frame(masks: list[np.ndarray]) -> Image.Image:
     """One frame's objects as a DAVIS-style palette PNG image: 0 background, object k -> index k+1
     (where objects overlap, the later one)."""
@@ -719,7 +722,7 @@ def palette_frame(masks: list[np.ndarray]) -> Image.Image:
     for k, m in enumerate(masks):
         index[m] = k + 1
     im = Image.fromarray(index, mode="P")
-    im.putpalette(davis_palette())
+    im.putpalette(DAVIS_PALETTE)
     return im
 
 
@@ -820,8 +823,8 @@ def chat(opts: ChatOptions):
         raise ValueError("several questions are batched about one image or video; give --image or --video")
     if opts.key_frames < 1:
         raise ValueError(f"--key-frames must be at least 1, got {opts.key_frames}")
-    points = [_numbers(p, 2, "--point", "X,Y") for p in opts.point] or None
-    boxes = [_numbers(b, 4, "--box", "X0,Y0,X1,Y1") for b in opts.box] or None
+    points = [parse_numbers(p, 2, "--point", "X,Y") for p in opts.point] or None
+    boxes = [parse_numbers(b, 4, "--box", "X0,Y0,X1,Y1") for b in opts.box] or None
     if (points or boxes) and not opts.image:
         raise ValueError("--point and --box mark regions of an image; give --image")
     if (points or boxes) and len(prompts) > 1:
@@ -857,7 +860,8 @@ def chat(opts: ChatOptions):
         print(f"wrote {opts.out}")
 
 
-def _numbers(text: str, n: int, flag: str, form: str) -> tuple[float, ...]:
+def parse_numbers(text: str, n: int, flag: str, form: str) -> tuple[float, ...]:
+    """'12,34' -> (12.0, 34.0): n numbers separated by commas, else one line naming `flag` and `form`."""
     try:
         values = tuple(float(v) for v in text.split(","))
     except ValueError:

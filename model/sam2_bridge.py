@@ -25,11 +25,11 @@ from typing import Callable, Iterator, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
 from hydra import compose
 from hydra.errors import HydraException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from model.config import BACKBONE_STRIDE, IMAGENET_MEAN, IMAGENET_STD, NUM_KEY_FRAMES, SAM2Config
@@ -620,5 +620,5 @@ class OriginalSAM2:
         return {"images": images, "num_frames": num_frames, "offload_video_to_cpu": False,
                 "offload_state_to_cpu": False, "video_height": H, "video_width": W, "device": device,
                 "storage_device": device, "point_inputs_per_obj": {}, "mask_inputs_per_obj": {},
-                "cached_features": {}, "constants": {}, "obj_id_to_idx": OrderedDict(), "obj_idx_to_id": OrderedDict(), "obj_ids": [],
-                "output_dict_per_obj": {}, "temp_output_dict_per_obj": {}, "frames_tracked_per_obj": {}}
+                "cached_features": {}, "constants": {}, "obj_id_to_idx": OrderedDict(), "obj_idx_to_id": OrderedDict(),
+                "obj_ids": [], "output_dict_per_obj": {}, "temp_output_dict_per_obj": {}, "frames_tracked_per_obj": {}}

@@ -11,6 +11,8 @@ import pytest
 import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
+from safetensors.torch import save_file
+from sam2.build_sam import build_sam2_video_predictor
 
 import convert
 import data
@@ -388,8 +390,6 @@ ORIGINAL_TINY = ("configs/sam2.1/sam2.1_hiera_t.yaml", ["++model.image_size=128"
 @pytest.fixture(scope="module")
 def original_sam2(tmp_path_factory):
     """A random Meta SAM-2.1 (Hiera-T at 128 px) written as Meta ships it (.pt) and as .safetensors."""
-    from safetensors.torch import save_file
-    from sam2.build_sam import build_sam2_video_predictor
     torch.manual_seed(0)
     model = build_sam2_video_predictor(ORIGINAL_TINY[0], device="cpu", hydra_overrides_extra=ORIGINAL_TINY[1])
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -409,7 +409,6 @@ def test_original_sam2_propagation_equals_sam2s_own_tracking(checkpoint, model, 
     an object added later equals tracking it from the start."""
     if model.cfg.family != "internvl" or model.cfg.llm.arch != "qwen2":
         pytest.skip("the SAM-2 side is the same for every family; checked once")
-    from sam2.build_sam import build_sam2_video_predictor
     folder = tmp_path / "jpg"
     folder.mkdir()
     for t, f in enumerate(frames(7)):

@@ -25,6 +25,7 @@ differ by up to 2 grey levels on under 1% of pixels; `resize="torch"` (default) 
 fast path, `resize="pil"` the slow one. Normalisation is (x/255 - mean)/std in fp32 for both
 (the fast processor fuses it; the results differ by ~1e-7).
 """
+import dataclasses
 import json
 import math
 import os
@@ -489,6 +490,7 @@ class Sample:
     media: Media | None = None
     mask_queries: torch.Tensor | None = None  # (P, 2) ([SEG] index in the sample, SAM-2 frame)
     mask_targets: torch.Tensor | None = None  # (P, 4g, 4g) bool ground truth of each query (training)
+    phrases: list[str | None] | None = None  # training: the referring phrase of each [SEG], where the record names it
 
 
 Turns = list[tuple[str, str | None]]  # (user text, answer or None for the generation prompt)
@@ -868,17 +870,22 @@ class TrainingData:
     def length(self, index: int) -> int:
         return self.source.length(index)
 
-    def __getitem__(self, key: tuple[int, int]) -> Sample | Skipped:
-        epoch, index = key
+    def __getitem__(self, key: tuple[int, int] | tuple[int, int, bool]) -> Sample | Skipped:
+        """key: (epoch, index), or (epoch, index, text_only) for train.py's --text-warmup."""
+        epoch, index, text_only = key if len(key) == 3 else (*key, False)
         rng = np.random.default_rng([self.seed, epoch, index])
         try:
-            return self.sample(self.source.record(index, rng), rng)
+            return self.sample(self.source.record(index, rng), rng, text_only)
         except (ValueError, OSError, IndexError, KeyError, TypeError) as e:
             reason = f"missing key {e}" if isinstance(e, KeyError) else _one_line(e)
             return Skipped(self.source.where(index), reason)
 
-    def sample(self, record: dict, rng: np.random.Generator) -> Sample:
-        """One record -> Sample; raises ValueError (or OSError for files) when it cannot be one."""
+    def sample(self, record: dict, rng: np.random.Generator, text_only: bool = False) -> Sample:
+        """One record -> Sample; raises ValueError (or OSError for files) when it cannot be one.
+
+        text_only: a sample with masks keeps its frames for SAM-2 but leaves its visual tokens
+        out of the conversation ('<image>' becomes nothing): the LLM reads the question alone.
+        """
         turns = _turns(record.get("conversations"))
         if "image" in record and "video" in record:
             raise ValueError("has both image and video; give one")
@@ -920,9 +927,17 @@ class TrainingData:
                 masks = np.stack(objects)
         elif record.get("masks") or record.get("regions"):
             raise ValueError("has masks but no image or video")
+        if text_only and len(masks) and media is not None:
+            media = dataclasses.replace(media, token_string="", visual_rows=torch.zeros(0, dtype=torch.long))
         sample = self.processor(turns, media)
         if sample.num_seg != len(masks):
             raise ValueError(f"its answers hold {sample.num_seg} [SEG] but it gives {len(masks)} masks")
+        phrases = record.get("phrases")
+        if phrases is not None:
+            if not isinstance(phrases, list) or len(phrases) != len(masks) or \
+                    not all(p is None or isinstance(p, str) for p in phrases):
+                raise ValueError(f"phrases must be a list of {len(masks)} strings (or nulls), one per mask")
+            sample.phrases = phrases
         if len(sample.input_ids) > self.max_length:
             raise ValueError(f"it is {len(sample.input_ids)} tokens, more than max_length {self.max_length}")
         if len(masks) and self.mask_size is not None:

@@ -271,12 +271,13 @@ class RefCOCO(Records):
     def record(self, index, rng):
         file, _, objects = self.entries[index]
         chosen = [objects[i] for i in rng.choice(len(objects), NUM_OBJECTS, replace=True)]
-        questions = []
+        questions, phrases = [], []
         for text, _ in chosen:
             phrase = text[:-1] if text.endswith(".") else text
             questions.append(pick(SEG_QUESTIONS, rng).format(class_name=phrase))
+            phrases.append(phrase)
         return {"image": os.path.join(self.images, file), "conversations": seg_conversation(questions, rng),
-                "masks": [segmentation for _, segmentation in chosen]}
+                "masks": [segmentation for _, segmentation in chosen], "phrases": phrases}
 
     def problems(self, index):
         file, _, objects = self.entries[index]
@@ -424,7 +425,7 @@ class RefVOS(Records):
         chosen = [exps[i] for i in rng.choice(len(exps), NUM_OBJECTS, replace=True)]
         questions = [refvos_question(exp, rng) for _, exp, _ in chosen]
         return {"video": [os.path.join(self.frames, vid, f + ".jpg") for f in frame_ids],
-                "conversations": seg_conversation(questions, rng),
+                "conversations": seg_conversation(questions, rng), "phrases": [exp for _, exp, _ in chosen],
                 "masks": [self.object_masks(vid, exp_id, ids, len(frame_ids)) for exp_id, _, ids in chosen]}
 
     def problems(self, index):

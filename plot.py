@@ -2,8 +2,9 @@
 
     python plot.py runs/shapes/metrics.jsonl docs/loss.png
 
-One line per loss term of train.py's metrics.jsonl (loss, loss_lm, loss_mask, loss_dice): the
-raw values faint, a moving average over 1% of the steps on top; a log-scaled y axis.
+One line per loss term of train.py's metrics.jsonl (loss, loss_lm, loss_mask, loss_dice, and
+loss_distill with --phrase-distill): the raw values faint, a moving average over 1% of the steps
+on top; a log-scaled y axis.
 """
 import json
 import math
@@ -15,7 +16,8 @@ from PIL import Image, ImageDraw, ImageFont
 
 from cli import arg, parse, run
 
-TERMS = (("loss", (30, 30, 30)), ("loss_lm", (31, 119, 180)), ("loss_mask", (214, 39, 40)), ("loss_dice", (44, 160, 44)))
+TERMS = (("loss", (30, 30, 30)), ("loss_lm", (31, 119, 180)), ("loss_mask", (214, 39, 40)), ("loss_dice", (44, 160, 44)),
+         ("loss_distill", (148, 103, 189)))
 W, H, LEFT, RIGHT, TOP, BOTTOM = 900, 480, 70, 150, 30, 50
 
 

@@ -34,16 +34,19 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import sys
 import tempfile
 import time
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 import torch.distributed.checkpoint as dcp
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
@@ -89,6 +92,16 @@ class TrainConfig:
     weight_decay: float = arg(0.05, "AdamW weight decay (all trained parameters)")
     warmup_ratio: float = arg(0.05, "share of the steps with a linear warm-up")
     max_grad_norm: float = arg(1.0, "gradient clipping")
+    phrase_warmup: int = arg(0, "first steps in which SAM-2 decodes a learned prompt per referring phrase (the "
+                                "records' phrases) instead of the LLM's [SEG] prompts: SAM-2 from scratch learns "
+                                "from prompts that differ from the start (needs --phrase-distill)")
+    phrase_distill: float = arg(0.0, "weight of the squared error between each [SEG] prompt and its phrase's "
+                                     "prompt, all run long (0: no phrase prompts)")
+    dense_mask_loss: bool = arg(False, "mask losses over every pixel of the 4g x 4g logits instead of the official "
+                                       "12,544 sampled points (for a SAM-2 from scratch)")
+    text_warmup: int = arg(0, "first steps in which segmentation samples leave their visual tokens out of the "
+                              "conversation (SAM-2 still sees the frames): an LLM from scratch learns to carry the "
+                              "question into [SEG] several times faster without 64+ visual tokens in the way")
     lora_r: int = arg(128, "LoRA rank")
     lora_alpha: float = arg(256.0, "LoRA alpha (the update is scaled by alpha / r)")
     lora_dropout: float = arg(0.05, "dropout on the LoRA input")
@@ -311,7 +324,7 @@ def epoch_order(dataset: data.TrainingData, epoch: int, seed: int, group: int) -
 
 
 def micro_batches(dataset, cfg: TrainConfig, start_step: int, rank: int, world: int, accum: int):
-    """The (epoch, index) keys of this process's micro-batches, step by step from start_step:
+    """The (epoch, index, text_only) keys of this process's micro-batches, step by step from start_step:
     micro-batch a of step s is global slot a * world + rank of that step's batch."""
     n, orders = len(dataset), {}
     for step in range(start_step, cfg.steps):
@@ -322,7 +335,7 @@ def micro_batches(dataset, cfg: TrainConfig, start_step: int, rank: int, world: 
                 epoch = p // n
                 if epoch not in orders:
                     orders = {epoch: epoch_order(dataset, epoch, cfg.seed, cfg.batch_size)}
-                keys.append((epoch, orders[epoch][p % n]))
+                keys.append((epoch, orders[epoch][p % n], step < cfg.text_warmup))
             yield keys
 
 
@@ -350,6 +363,41 @@ def micro_seed(cfg: TrainConfig, step: int, slot: int) -> int:
     return (cfg.seed * 1_000_003 + step) * 4099 + slot
 
 
+class PhraseTable(torch.nn.Module):
+    """A SAM-2 prompt per referring phrase, built from learned word vectors (--phrase-warmup,
+    --phrase-distill): the sum of the phrase's word vectors over sqrt(words), so 'red circle'
+    and 'red square' share 'red' and the [SEG] state can learn the phrase word by word.
+
+    A word's row is its CRC-32 modulo the table size, the same on every process without a
+    vocabulary to agree on (two words share a row about once in 65k pairs). Rows start far
+    apart (std 1), as a from-scratch SAM-2 needs. Not part of the exported model.
+    """
+    ROWS = 1 << 15
+
+    def __init__(self, dim: int, seed: int):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed + 7)
+        self.weight = torch.nn.Parameter(torch.randn(self.ROWS, dim, generator=gen))
+
+    @staticmethod
+    def words(phrase: str) -> list[int]:
+        return [zlib.crc32(w.encode()) % PhraseTable.ROWS for w in re.findall(r"[\w']+", phrase.lower())]
+
+    def forward(self, phrases: list[str | None]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, dim) prompts and (N,) bool: which phrases have words (the others' rows are 0)."""
+        words = [self.words(p) if p else [] for p in phrases]
+        rows = torch.tensor([w for ws in words for w in ws], dtype=torch.long, device=self.weight.device)
+        owner = torch.tensor([i for i, ws in enumerate(words) for _ in ws], dtype=torch.long, device=rows.device)
+        counts = torch.tensor([len(ws) for ws in words], dtype=torch.float, device=rows.device)
+        out = torch.zeros(len(phrases), self.weight.shape[1], device=rows.device).index_add(0, owner, self.weight[rows])
+        return out / counts.clamp(min=1).sqrt()[:, None], counts > 0
+
+
+def seg_phrases(samples: list[data.Sample]) -> list[str | None]:
+    """The phrase of every [SEG] of a batch, in the model's row-major [SEG] order (None: unnamed)."""
+    return [p for s in samples for p in (s.phrases if s.phrases is not None else [None] * s.num_seg)]
+
+
 def checkpoints(out: str) -> list[tuple[int, str]]:
     """Complete checkpoints of a run, oldest first (a checkpoint appears by rename when complete)."""
     folder = os.path.join(out, "checkpoints")
@@ -363,7 +411,7 @@ def trained_state(model, names: set[str]) -> dict:
     return {k: v for k, v in get_model_state_dict(model).items() if k in names}
 
 
-def save_checkpoint(cfg: TrainConfig, model, optimizer, step: int, names: set[str], rank: int):
+def save_checkpoint(cfg: TrainConfig, model, optimizer, step: int, names: set[str], rank: int, table=None):
     folder = os.path.join(cfg.out, "checkpoints")
     final, tmp = os.path.join(folder, f"step_{step:08d}"), os.path.join(folder, f".step_{step:08d}.partial")
     if rank == 0:
@@ -376,13 +424,15 @@ def save_checkpoint(cfg: TrainConfig, model, optimizer, step: int, names: set[st
     if rank == 0:
         with open(os.path.join(tmp, "trainer.json"), "w") as f:
             json.dump({"step": step}, f)
+        if table is not None:  # replicated on every process: rank 0's copy
+            torch.save({"table": table[0].state_dict(), "optim": table[1].state_dict()}, os.path.join(tmp, "phrases.pt"))
         os.replace(tmp, final)
         for _, old in checkpoints(cfg.out)[:-cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     dist.barrier()
 
 
-def load_checkpoint(path: str, model, optimizer, names: set[str]) -> int:
+def load_checkpoint(path: str, model, optimizer, names: set[str], table=None) -> int:
     state = {"model": trained_state(model, names), "optim": get_optimizer_state_dict(model, optimizer)}
     dcp.load(state, checkpoint_id=path)
     # A checkpoint holds the trained weights only (the frozen ones come from --model again):
@@ -394,6 +444,14 @@ def load_checkpoint(path: str, model, optimizer, names: set[str]) -> int:
         raise ValueError(f"checkpoint {path} does not fit this model (unexpected {sorted(result.unexpected_keys)[:3]}, "
                          f"missing {sorted(missing - frozen)[:3]}); is it from another run?")
     set_optimizer_state_dict(model, optimizer, state["optim"])
+    if table is not None:
+        saved = os.path.join(path, "phrases.pt")
+        if not os.path.exists(saved):
+            raise ValueError(f"checkpoint {path} has no phrase prompts (phrases.pt) but this run uses --phrase-distill; "
+                             "resume with the options the run started with")
+        saved = torch.load(saved, weights_only=True)
+        table[0].load_state_dict(saved["table"])
+        table[1].load_state_dict(saved["optim"])
     with open(os.path.join(path, "trainer.json")) as f:
         return json.load(f)["step"]
 
@@ -423,6 +481,8 @@ def train(cfg: TrainConfig):
     for name in ("steps", "batch_size", "micro_batch_size", "lora_r", "save_every", "keep_checkpoints"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(cfg, name)}")
+    if cfg.phrase_warmup and cfg.phrase_distill <= 0:
+        raise ValueError("--phrase-warmup needs phrase prompts to warm up with: give --phrase-distill (e.g. 1)")
     if not os.path.exists(cfg.data):
         raise ValueError(f"--data {cfg.data} does not exist; give a JSONL file of samples or an official data root")
     parse_dtype(cfg.export_dtype)  # a bad value fails now, not after training
@@ -461,11 +521,15 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    table = None  # (PhraseTable, its optimizer) with --phrase-distill
+    if cfg.phrase_distill > 0:
+        phrases = PhraseTable(model_cfg.seg_dim, cfg.seed).to(device)
+        table = (phrases, torch.optim.AdamW(phrases.parameters(), lr=cfg.lr, weight_decay=0.0))
 
     start = 0
     found = checkpoints(cfg.out) if resuming else []
     if found:
-        start = load_checkpoint(found[-1][1], model, optimizer, names)
+        start = load_checkpoint(found[-1][1], model, optimizer, names, table)
     if rank == 0:
         _trim_log(os.path.join(cfg.out, "metrics.jsonl"), start)
         print(f"train.py: {cfg.model} ({model_cfg.family}), {sum(p.numel() for p in params) / 1e6:.1f}M of "
@@ -476,7 +540,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
         export_final(cfg, model, model_cfg, tokenizer, rank)
         return
 
-    plan = list(micro_batches(dataset, cfg, start, rank, world, accum))  # the (epoch, index) keys
+    plan = list(micro_batches(dataset, cfg, start, rank, world, accum))  # the (epoch, index, text_only) keys
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=plan, collate_fn=list, num_workers=cfg.workers,
                                          worker_init_fn=_ignore_sigterm)
     batches = zip(plan, loader)
@@ -491,13 +555,13 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
-            for group in optimizer.param_groups:
+            for group in optimizer.param_groups + (table[1].param_groups if table else []):
                 group["lr"] = lr_at(step, cfg)
-            totals = torch.zeros(6, dtype=torch.float64)  # loss, lm, mask, dice, tokens, skipped
+            totals = torch.zeros(7, dtype=torch.float64)  # loss, lm, mask, dice, tokens, skipped, distill
             for a in range(accum):
                 keys, items = next(batches)
                 samples = [s for s in items if isinstance(s, data.Sample)]
-                for (item_epoch, _), bad in zip(keys, items):
+                for (item_epoch, *_), bad in zip(keys, items):
                     if not isinstance(bad, data.Skipped):
                         continue
                     if cfg.strict:
@@ -513,18 +577,34 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
                 slot = a * world + rank
                 torch.manual_seed(micro_seed(cfg, step, slot))  # dropout
                 points = torch.Generator(device=device).manual_seed(micro_seed(cfg, step, slot) + 1)
-                out = model(inputs, logits=loss_positions(inputs.labels))
+                decode, loss_distill = None, torch.zeros((), device=device)
+                if table:
+                    targets, named = table[0](seg_phrases(samples))
+                    targets = targets.to(param_dtype)
+                    if step < cfg.phrase_warmup:  # SAM-2 learns from the phrase prompts; unnamed [SEG]s keep their own
+                        decode = (targets, named)
+                out = model(inputs, logits=loss_positions(inputs.labels), decode=decode)
+                if table and bool(named.any()):
+                    loss_distill = cfg.phrase_distill * F.mse_loss(out.seg_prompts[named].float(),
+                                                                   targets[named].detach().float())
                 loss_lm = lm_loss_at(out.logits, inputs.labels)
-                loss_mask, loss_dice = mask_losses(out.mask_logits, inputs.mask_targets, points)
-                loss = loss_lm + loss_mask + loss_dice
+                loss_mask, loss_dice = mask_losses(out.mask_logits, inputs.mask_targets, points, dense=cfg.dense_mask_loss)
+                loss = loss_lm + loss_mask + loss_dice + loss_distill
                 (loss * (weight / accum)).backward()
                 with torch.no_grad():
                     totals[:4] += torch.stack([loss, loss_lm, loss_mask, loss_dice]).double().cpu() * weight
+                    totals[6] += float(loss_distill) * weight
                     totals[4] += float(inputs.input_ids.numel() if inputs.key_mask is None else inputs.key_mask.sum())
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if table and step < cfg.phrase_warmup:  # after the warm-up the table takes no gradient
+                if world > 1 and table[0].weight.grad is not None:
+                    dist.all_reduce(table[0].weight.grad, op=dist.ReduceOp.AVG)
+                table[1].step()
+            if table:
+                table[1].zero_grad(set_to_none=True)
             dist.all_reduce(totals)
             dist.all_reduce(stop, op=dist.ReduceOp.MAX)
             seconds = time.perf_counter() - t0
@@ -534,6 +614,8 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
                    "lr": lr_at(step, cfg), "grad_norm": float(grad_norm),
                    "tokens_per_s": totals[4].item() / seconds, "step_s": seconds, "peak_memory_gib": peak_memory_gib(device),
                    "skipped": int(totals[5].item())}
+            if table:
+                row["loss_distill"] = totals[6].item() / counted
             if metrics_file:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
@@ -552,7 +634,7 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
             bar.set_postfix(loss=f"{row['loss']:.4f}")
             last = step + 1 == cfg.steps
             if (step + 1) % cfg.save_every == 0 or last or stop.item():
-                save_checkpoint(cfg, model, optimizer, step + 1, names, rank)
+                save_checkpoint(cfg, model, optimizer, step + 1, names, rank, table)
             if stop.item() and not last:
                 raise SystemExit(128 + signal.SIGTERM)  # checkpointed: the same command resumes here
     finally:

@@ -421,9 +421,10 @@ def _custom_samples(rng, scene, masks, keep, order, caption, image) -> list[dict
         if all(names):
             q = f"<image>\nPlease segment the {names[0][0]} and the {names[1][0]}."
             out.append({"image": image, "masks": [data.rle_encode(masks[i]) for i in chosen],
-                        "conversations": _human_gpt(q, "Sure, [SEG] and [SEG].")})
+                        "phrases": [names[0][0], names[1][0]], "conversations": _human_gpt(q, "Sure, [SEG] and [SEG].")})
     question = data.GCG_QUESTION if rng.random() < 0.5 else str(rng.choice(GCG_QUESTIONS))
     out.append({"image": image, "masks": [data.rle_encode(masks[i]) for i in order],
+                "phrases": [f"{scene.shapes[i].color} {scene.shapes[i].kind}" for i in order],
                 "conversations": _human_gpt("<image>\n" + question, caption)})
     q, options, right = _vqa_question(rng, scene, keep)
     out.append({"image": image, "conversations": _human_gpt("<image>\n" + _mcq(q, options), LETTERS[options.index(right)])})

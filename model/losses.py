@@ -62,8 +62,12 @@ def uncertain_points(logits: torch.Tensor, generator: torch.Generator | None,
 
 
 def mask_losses(logits: torch.Tensor, targets: torch.Tensor, generator: torch.Generator | None = None,
-                num_points: int = NUM_POINTS) -> tuple[torch.Tensor, torch.Tensor]:
+                num_points: int = NUM_POINTS, dense: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss_mask, loss_dice) of mask logits (N, 1, h, w) against targets (N, h, w) (bool or 0/1).
+
+    The official losses read num_points sampled points per mask, most where the logits are least
+    sure. dense: every pixel instead (a SAM-2 from scratch: with few points on small objects it
+    learns to say 'background' everywhere first).
 
     With N = 0 both are 0 and still depend on `logits`, so every parameter that produced them
     gets a (zero) gradient: every process of a sharded run then runs the same graph.
@@ -73,11 +77,14 @@ def mask_losses(logits: torch.Tensor, targets: torch.Tensor, generator: torch.Ge
         zero = logits.sum() * 0.0
         return zero, zero
     logits = logits.float()
-    with torch.no_grad():
-        points = uncertain_points(logits, generator, num_points)
-        target = point_sample(targets[:, None].float(), points)[:, 0]  # (N, P)
-    pred = point_sample(logits, points)[:, 0]  # (N, P)
-    bce = F.binary_cross_entropy_with_logits(pred, target, reduction="sum") / (n * num_points + 1e-4)
+    if dense:
+        pred, target = logits.flatten(1), targets.flatten(1).float()  # (N, h*w)
+    else:
+        with torch.no_grad():
+            points = uncertain_points(logits, generator, num_points)
+            target = point_sample(targets[:, None].float(), points)[:, 0]  # (N, P)
+        pred = point_sample(logits, points)[:, 0]  # (N, P)
+    bce = F.binary_cross_entropy_with_logits(pred, target, reduction="sum") / (pred.numel() + 1e-4)
     p = pred.sigmoid()
     dice = 1 - (2 * (p * target).sum(1) + 1) / (p.sum(1) + target.sum(1) + 1)  # naive dice, eps 1
     return MASK_WEIGHT * bce, DICE_WEIGHT * dice.sum() / (n + 1e-4)

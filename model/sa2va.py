@@ -83,13 +83,15 @@ class Sa2VAModel(nn.Module):
             self.grounding = SAM2Bridge(cfg.sam2)
 
     def forward(self, inputs: ModelInputs, vision: VisionOutput | None = None,
-                logits: bool | Tensor = True) -> ModelOutput:
+                logits: bool | Tensor = True, decode: tuple[Tensor, Tensor] | None = None) -> ModelOutput:
         """Teacher-forced pass: LM logits, the [SEG] prompts and SAM-2 mask logits per mask query.
 
         vision: the vision tower's output for inputs.pixel_values when already computed (a
         conversation's follow-up turn). logits: True for (B, L, V), False for none (inference
         needs only [SEG]), or a (B, L) bool mask for (N, V) at those positions (training reads
         only the answers', see losses.loss_positions: the full (B, L, V) is the largest tensor).
+        decode: (prompts (N_seg, seg_dim), use (N_seg,) bool): SAM-2 decodes those prompts instead
+        of the [SEG] states' where `use` (train.py's --phrase-warmup); seg_prompts stay the model's.
         """
         if vision is None and inputs.pixel_values is not None:
             vision = self.vision(inputs.pixel_values, inputs.grid_thw)
@@ -102,7 +104,12 @@ class Sa2VAModel(nn.Module):
         prompts = self.text_hidden_fcs(hidden[seg])  # (N_seg, seg_dim), row-major over the batch
         masks = None
         if inputs.mask_queries is not None and len(inputs.mask_queries):
-            masks = self.decode_masks(inputs.sam2_frames, prompts, inputs.mask_queries)
+            decoded = prompts
+            if decode is not None:
+                if decode[0].shape != prompts.shape:
+                    raise ValueError(f"decode has shape {tuple(decode[0].shape)}, the [SEG] prompts {tuple(prompts.shape)}")
+                decoded = torch.where(decode[1][:, None], decode[0].to(prompts.dtype), prompts)
+            masks = self.decode_masks(inputs.sam2_frames, decoded, inputs.mask_queries)
         elif inputs.mask_queries is not None:  # a stand-in: a blank frame, the first token's state
             s = self.cfg.sam2.image_size
             blank = torch.zeros(1, 3, s, s, dtype=torch.uint8, device=hidden.device)

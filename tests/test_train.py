@@ -502,3 +502,106 @@ def test_sigterm_checkpoints_the_step_and_the_run_resumes(tmp_path):
     assert [r["step"] for r in metrics(tmp_path / "run")] == list(range(1, 41))
     convert.to_official(str(tmp_path / "run" / "final"), str(tmp_path / "official"))  # the official layout
     assert sorted(os.listdir(tmp_path / "official")) == ["config.json", "model.safetensors"]
+
+
+# ----------------------------------------------------------------------------- from scratch: the shipped model's curriculum
+
+def test_dense_mask_losses_read_every_pixel():
+    logits = torch.randn(3, 1, 16, 16) * 3
+    targets = torch.rand(3, 16, 16) > 0.6
+    loss_mask, loss_dice = mask_losses(logits, targets, dense=True)
+    x, t = logits[:, 0], targets.float()
+    torch.testing.assert_close(loss_mask, 2.0 * F.binary_cross_entropy_with_logits(x, t), atol=1e-5, rtol=1e-5)
+    p = x.sigmoid()
+    dice = 1 - (2 * (p * t).sum((1, 2)) + 1) / (p.sum((1, 2)) + t.sum((1, 2)) + 1)
+    torch.testing.assert_close(loss_dice, 0.5 * dice.mean(), atol=1e-5, rtol=1e-5)
+    assert not torch.equal(loss_mask, mask_losses(logits, targets, torch.Generator().manual_seed(0), num_points=40)[0])
+
+
+def test_phrase_prompts_are_built_word_by_word():
+    import train as training
+    table = training.PhraseTable(8, seed=0)
+    got, named = table(["red circle", "Circle  red", "red", None, "circle"])
+    assert named.tolist() == [True, True, True, False, True]
+    torch.testing.assert_close(got[0], got[1])  # a bag of words: order and case do not matter
+    torch.testing.assert_close(got[0], (got[2] + got[4]) / 2 ** 0.5)
+    assert not got[3].any()
+    torch.testing.assert_close(training.PhraseTable(8, seed=0)(["red circle"])[0], got[:1])  # the same on every process
+
+
+def test_text_only_samples_keep_the_frames_and_leave_out_the_visual_tokens(processor, tmp_path):
+    extra = [{"image": "img0.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                                     {"from": "gpt", "value": "A box."}]}]
+    ds = data.TrainingData(write_box_dataset(tmp_path, n_images=1, extra=extra), processor, seed=0)
+    image_id = processor.cfg.image_token_id
+    for index in (0, 1):  # an image and a video to segment
+        full, text = ds[0, index], ds[0, index, True]
+        assert (full.input_ids == image_id).sum() > 0 and not (text.input_ids == image_id).any()
+        assert torch.equal(full.media.sam2_frames, text.media.sam2_frames)
+        assert torch.equal(full.mask_targets, text.mask_targets) and torch.equal(full.mask_queries, text.mask_queries)
+        assert full.media.token_string in full.text and full.media.token_string not in text.text
+    qa, qa_text = ds[0, 2], ds[0, 2, True]  # no masks: the question keeps its image
+    assert torch.equal(qa.input_ids, qa_text.input_ids)
+    # the inputs still run: the vision tower's rows are there, none is read
+    import train as training
+    model = Sa2VAModel(preset("debug-internvl"))
+    out = model(training.complete(data.collate([ds[0, 0, True], qa_text]), model.cfg))
+    assert out.mask_logits.shape[0] == 5
+
+
+def test_phrases_follow_the_masks(processor, tmp_path):
+    path = write_box_dataset(tmp_path, n_images=2, video=False)
+    lines = [json.loads(line) for line in open(path)]
+    lines[0]["phrases"] = ["red box"]
+    lines[1]["phrases"] = ["red box", "blue box"]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in lines)
+    ds = data.TrainingData(path, processor, seed=0)
+    assert ds[0, 0].phrases == ["red box"]
+    bad = ds[0, 1]
+    assert isinstance(bad, data.Skipped) and "phrases must be a list of 1" in bad.reason
+
+
+def test_decode_replaces_the_prompts_sam2_reads(processor, tmp_path):
+    import train as training
+    torch.manual_seed(0)
+    model = Sa2VAModel(preset("debug-internvl")).eval()
+    ds = data.TrainingData(write_box_dataset(tmp_path, n_images=2, video=False), processor, seed=0)
+    inputs = training.complete(data.collate([ds[0, 0], ds[0, 1]]), model.cfg)
+    with torch.no_grad():
+        own = model(inputs)
+        other = torch.randn_like(own.seg_prompts)
+        use = torch.tensor([False, True])
+        mixed = model(inputs, decode=(other, use))
+        want = model.decode_masks(inputs.sam2_frames, torch.where(use[:, None], other, own.seg_prompts), inputs.mask_queries)
+    torch.testing.assert_close(mixed.mask_logits, want)
+    torch.testing.assert_close(mixed.seg_prompts, own.seg_prompts)
+    assert not torch.allclose(mixed.mask_logits[5:], own.mask_logits[5:])
+    torch.testing.assert_close(mixed.mask_logits[:5], own.mask_logits[:5])
+
+
+def test_a_phrase_warmup_run_resumes_exactly(tmp_path):
+    """--phrase-warmup/--phrase-distill/--text-warmup/--dense-mask-loss: the distillation is logged,
+    the phrase prompts are checkpointed, and a resumed run ends as the one that never stopped."""
+    path = write_box_dataset(tmp_path / "data", n_images=3, video=False)
+    lines = [dict(json.loads(line), phrases=["red box"]) for line in open(path)]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in lines)
+    args = ("--full", "--steps", "4", "--save-every", "2", "--phrase-warmup", "3", "--phrase-distill", "1",
+            "--text-warmup", "1", "--dense-mask-loss")
+    whole = train(tmp_path / "whole", path, *args, env=ONE_THREAD)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    rows = metrics(tmp_path / "whole")
+    assert all(r["loss_distill"] > 0 for r in rows)
+    assert os.path.exists(tmp_path / "whole" / "checkpoints" / "step_00000002" / "phrases.pt")
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "whole", cut)
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(cut / "checkpoints" / "step_00000004")
+    again = train(cut, path, *args, env=ONE_THREAD)
+    assert again.returncode == 0 and "resuming after step 2" in again.stderr, again.stderr[-2000:]
+    a, b = load_file(str(cut / "final" / "model.safetensors")), load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    no_table = train(tmp_path / "bad", path, "--phrase-warmup", "2")
+    assert no_table.returncode != 0 and "--phrase-warmup needs phrase prompts" in no_table.stderr
+    assert "Traceback" not in no_table.stderr

@@ -937,7 +937,10 @@ class TrainingData:
             if not isinstance(phrases, list) or len(phrases) != len(masks) or \
                     not all(p is None or isinstance(p, str) for p in phrases):
                 raise ValueError(f"phrases must be a list of {len(masks)} strings (or nulls), one per mask")
-            sample.phrases = phrases
+            # a phrase that names two different objects here picks out neither: left unnamed
+            sample.phrases = [None if p is not None and any(q == p and not np.array_equal(masks[k], masks[j])
+                                                            for j, q in enumerate(phrases)) else p
+                              for k, p in enumerate(phrases)]
         if len(sample.input_ids) > self.max_length:
             raise ValueError(f"it is {len(sample.input_ids)} tokens, more than max_length {self.max_length}")
         if len(masks) and self.mask_size is not None:

@@ -394,8 +394,13 @@ class PhraseTable(torch.nn.Module):
 
 
 def seg_phrases(samples: list[data.Sample]) -> list[str | None]:
-    """The phrase of every [SEG] of a batch, in the model's row-major [SEG] order (None: unnamed)."""
-    return [p for s in samples for p in (s.phrases if s.phrases is not None else [None] * s.num_seg)]
+    """The phrase of every [SEG] of a batch, in the model's row-major [SEG] order (None: unnamed).
+    A video's [SEG]s stay unnamed: SAM-2 decodes its frames one by one, and a phrase may name
+    motion that no single frame shows ('the circle moving right')."""
+    def named(s):
+        video = s.media is not None and s.media.sam2_frames is not None and len(s.media.sam2_frames) > 1
+        return s.phrases if s.phrases is not None and not video else [None] * s.num_seg
+    return [p for s in samples for p in named(s)]
 
 
 def checkpoints(out: str) -> list[tuple[int, str]]:
@@ -581,14 +586,18 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
                 if table:
                     targets, named = table[0](seg_phrases(samples))
                     targets = targets.to(param_dtype)
-                    if step < cfg.phrase_warmup:  # SAM-2 learns from the phrase prompts; unnamed [SEG]s keep their own
+                    if step < cfg.phrase_warmup:  # SAM-2 decodes the phrase prompts; unnamed [SEG]s take no mask loss
                         decode = (targets, named)
                 out = model(inputs, logits=loss_positions(inputs.labels), decode=decode)
                 if table and bool(named.any()):
                     loss_distill = cfg.phrase_distill * F.mse_loss(out.seg_prompts[named].float(),
                                                                    targets[named].detach().float())
                 loss_lm = lm_loss_at(out.logits, inputs.labels)
-                loss_mask, loss_dice = mask_losses(out.mask_logits, inputs.mask_targets, points, dense=cfg.dense_mask_loss)
+                logits_, targets_ = out.mask_logits, inputs.mask_targets
+                if decode is not None:  # the warm-up: SAM-2 learns from the phrase prompts only
+                    keep = named[inputs.mask_queries[:, 0]]
+                    logits_, targets_ = logits_[keep], targets_[keep]
+                loss_mask, loss_dice = mask_losses(logits_, targets_, points, dense=cfg.dense_mask_loss)
                 loss = loss_lm + loss_mask + loss_dice + loss_distill
                 (loss * (weight / accum)).backward()
                 with torch.no_grad():

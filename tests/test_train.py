@@ -556,10 +556,31 @@ def test_phrases_follow_the_masks(processor, tmp_path):
     lines[1]["phrases"] = ["red box", "blue box"]
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in lines)
+    other = data.rle_encode(np.roll(data.rle_decode(lines[0]["masks"][0]), 8, axis=1))
+    two = dict(lines[0], masks=lines[0]["masks"] + [other], phrases=["red box", "red box"],
+               conversations=[{"from": "human", "value": "<image>\nPlease segment the red boxes."},
+                              {"from": "gpt", "value": "Sure, [SEG] and [SEG]."}])
+    same = dict(two, masks=lines[0]["masks"] * 2)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in lines + [two, same])
     ds = data.TrainingData(path, processor, seed=0)
     assert ds[0, 0].phrases == ["red box"]
     bad = ds[0, 1]
     assert isinstance(bad, data.Skipped) and "phrases must be a list of 1" in bad.reason
+    assert ds[0, 2].phrases == [None, None]  # one phrase for two objects names neither
+    assert ds[0, 3].phrases == ["red box", "red box"]  # the same object twice
+    import train as training
+    assert training.seg_phrases([ds[0, 0], ds[0, 3]]) == ["red box"] * 3
+
+
+def test_a_video_s_phrases_stay_unnamed(processor, tmp_path):
+    path = write_box_dataset(tmp_path, n_images=1)
+    lines = [dict(json.loads(line), phrases=["box"]) for line in open(path)]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in lines)
+    ds = data.TrainingData(path, processor, seed=0)
+    import train as training
+    assert ds[0, 1].phrases == ["box"] and training.seg_phrases([ds[0, 0], ds[0, 1]]) == ["box", None]
 
 
 def test_decode_replaces_the_prompts_sam2_reads(processor, tmp_path):

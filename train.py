@@ -369,7 +369,7 @@ class PhraseTable(torch.nn.Module):
     and 'red square' share 'red' and the [SEG] state can learn the phrase word by word.
 
     A word's row is its CRC-32 modulo the table size, the same on every process without a
-    vocabulary to agree on (two words share a row about once in 65k pairs). Rows start far
+    vocabulary to agree on (two words share a row about once in 32k pairs). Rows start far
     apart (std 1), as a from-scratch SAM-2 needs. Not part of the exported model.
     """
     ROWS = 1 << 15
@@ -584,20 +584,20 @@ def _train(cfg: TrainConfig, rank: int, world: int, device: torch.device):
                 points = torch.Generator(device=device).manual_seed(micro_seed(cfg, step, slot) + 1)
                 decode, loss_distill = None, torch.zeros((), device=device)
                 if table:
-                    targets, named = table[0](seg_phrases(samples))
-                    targets = targets.to(param_dtype)
+                    phrase_prompts, named = table[0](seg_phrases(samples))
+                    phrase_prompts = phrase_prompts.to(param_dtype)
                     if step < cfg.phrase_warmup:  # SAM-2 decodes the phrase prompts; unnamed [SEG]s take no mask loss
-                        decode = (targets, named)
+                        decode = (phrase_prompts, named)
                 out = model(inputs, logits=loss_positions(inputs.labels), decode=decode)
                 if table and bool(named.any()):
                     loss_distill = cfg.phrase_distill * F.mse_loss(out.seg_prompts[named].float(),
-                                                                   targets[named].detach().float())
+                                                                   phrase_prompts[named].detach().float())
                 loss_lm = lm_loss_at(out.logits, inputs.labels)
-                logits_, targets_ = out.mask_logits, inputs.mask_targets
+                mask_logits, mask_targets = out.mask_logits, inputs.mask_targets
                 if decode is not None:  # the warm-up: SAM-2 learns from the phrase prompts only
                     keep = named[inputs.mask_queries[:, 0]]
-                    logits_, targets_ = logits_[keep], targets_[keep]
-                loss_mask, loss_dice = mask_losses(logits_, targets_, points, dense=cfg.dense_mask_loss)
+                    mask_logits, mask_targets = mask_logits[keep], mask_targets[keep]
+                loss_mask, loss_dice = mask_losses(mask_logits, mask_targets, points, dense=cfg.dense_mask_loss)
                 loss = loss_lm + loss_mask + loss_dice + loss_distill
                 (loss * (weight / accum)).backward()
                 with torch.no_grad():

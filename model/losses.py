@@ -66,8 +66,8 @@ def mask_losses(logits: torch.Tensor, targets: torch.Tensor, generator: torch.Ge
     """(loss_mask, loss_dice) of mask logits (N, 1, h, w) against targets (N, h, w) (bool or 0/1).
 
     The official losses read num_points sampled points per mask, most where the logits are least
-    sure. dense: every pixel instead (a SAM-2 from scratch: with few points on small objects it
-    learns to say 'background' everywhere first).
+    sure. dense: every pixel instead (for a SAM-2 from scratch, which with the sampled points
+    learned to say 'background' everywhere).
 
     With N = 0 both are 0 and still depend on `logits`, so every parameter that produced them
     gets a (zero) gradient: every process of a sharded run then runs the same graph.

@@ -320,6 +320,18 @@ def test_resume_after_sigkill_continues_exactly(tmp_path):
         (tmp_path / "whole" / "final" / "model.safetensors").read_bytes()
 
 
+def resumed_from_step_2(tmp_path, path, args) -> tuple[dict, dict]:
+    """The 4-step run in tmp_path/whole cut back to its step-2 checkpoint and resumed with the
+    same args: (the resumed run's final weights, the uncut run's)."""
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "whole", cut)
+    shutil.rmtree(cut / "final")
+    shutil.rmtree(cut / "checkpoints" / "step_00000004")
+    again = train(cut, path, *args, env=ONE_THREAD)
+    assert again.returncode == 0 and "resuming after step 2" in again.stderr, again.stderr[-2000:]
+    return load_file(str(cut / "final" / "model.safetensors")), load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+
+
 def test_a_full_run_from_scratch_resumes_exactly(tmp_path):
     """--full on random weights: the heads that take no loss start deciding nothing (IoU head:
     the first multimask output; object score: present) and stay so; a run resumed from its
@@ -328,13 +340,7 @@ def test_a_full_run_from_scratch_resumes_exactly(tmp_path):
     args = ("--full", "--steps", "4", "--save-every", "2", "--keep-checkpoints", "2")
     whole = train(tmp_path / "whole", path, *args, env=ONE_THREAD)
     assert whole.returncode == 0 and "parameters trained" in whole.stderr, whole.stderr[-2000:]
-    cut = tmp_path / "cut"
-    shutil.copytree(tmp_path / "whole", cut)
-    shutil.rmtree(cut / "final")
-    shutil.rmtree(cut / "checkpoints" / "step_00000004")
-    again = train(cut, path, *args, env=ONE_THREAD)
-    assert again.returncode == 0 and "resuming after step 2" in again.stderr, again.stderr[-2000:]
-    a, b = load_file(str(cut / "final" / "model.safetensors")), load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    a, b = resumed_from_step_2(tmp_path, path, args)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     head = "grounding.sam2.sam_mask_decoder."
     depth = preset("debug-internvl").sam2.iou_head_depth
@@ -615,13 +621,7 @@ def test_a_phrase_warmup_run_resumes_exactly(tmp_path):
     rows = metrics(tmp_path / "whole")
     assert all(r["loss_distill"] > 0 for r in rows)
     assert os.path.exists(tmp_path / "whole" / "checkpoints" / "step_00000002" / "phrases.pt")
-    cut = tmp_path / "cut"
-    shutil.copytree(tmp_path / "whole", cut)
-    shutil.rmtree(cut / "final")
-    shutil.rmtree(cut / "checkpoints" / "step_00000004")
-    again = train(cut, path, *args, env=ONE_THREAD)
-    assert again.returncode == 0 and "resuming after step 2" in again.stderr, again.stderr[-2000:]
-    a, b = load_file(str(cut / "final" / "model.safetensors")), load_file(str(tmp_path / "whole" / "final" / "model.safetensors"))
+    a, b = resumed_from_step_2(tmp_path, path, args)
     assert all(torch.equal(a[k], b[k]) for k in a)
     no_table = train(tmp_path / "bad", path, "--phrase-warmup", "2")
     assert no_table.returncode != 0 and "--phrase-warmup needs phrase prompts" in no_table.stderr
